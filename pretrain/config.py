@@ -1,0 +1,149 @@
+"""Typed configuration: one dataclass per component, registered in Hydra's ConfigStore.
+
+YAML groups under ``conf/`` fill these schemas; each component's ``build_*`` receives only its
+own section. Runtime counters (step, tokens seen) live in ``TrainState``, never here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from pretrain.data.config import DataConfig
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    num_layers: int = MISSING
+    hidden_size: int = MISSING
+    num_attention_heads: int = MISSING
+    # None means one KV head per query head (MHA); 1 is MQA; anything between is GQA.
+    num_kv_heads: Optional[int] = None
+    # None: 4 * hidden for GELU; LLaMA's 2/3 * 4h rounded up to ffn_multiple_of for SwiGLU.
+    ffn_hidden_size: Optional[int] = None
+    ffn_multiple_of: int = 256
+    max_position_embeddings: int = 1024
+    # None: taken from the tokenizer the data pipeline produced.
+    vocab_size: Optional[int] = None
+    # The embedding is padded to a multiple of this, independent of the TP size, so
+    # every layout builds the same shapes.
+    vocab_multiple: int = 128
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    position_embedding: str = "learned"  # learned | rope
+    rope_theta: float = 10000.0
+    activation: str = "gelu"  # gelu | swiglu
+    bias: bool = True
+    tie_embeddings: bool = True
+    parallel_block: bool = False  # PaLM: x + attn(ln(x)) + mlp(ln(x))
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_std: float = 0.02
+    # GPT-2: residual-branch output projections scaled by 1/sqrt(2 * num_layers).
+    scale_residual_init: bool = True
+    attention_backend: str = "sdpa"  # sdpa | eager | triton
+    # Locally banded attention (GPT-3 sparse layers): window in tokens, applied to the layers
+    # whose index is in local_attention_layers ("odd", "even", "all" or "none").
+    local_window: Optional[int] = None
+    local_attention_layers: str = "none"
+    # Reference numbers from the papers, shown in summaries; never used for computation.
+    reference_params: Optional[str] = None
+    reference_batch_tokens: Optional[int] = None
+    reference_lr: Optional[float] = None
+
+
+@dataclass
+class ParallelConfig:
+    name: str = "single"
+    tensor: int = 1
+    pipeline: int = 1
+    data: int = 1
+    zero_stage: int = 0
+    sequence_parallel: bool = False
+    # Gradient checkpointing: none | full (every block) | every (every k-th block).
+    activation_checkpointing: str = "none"
+    checkpoint_every: int = 1
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 6.0e-4
+    min_lr_ratio: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1.0e-8
+    weight_decay: float = 0.1
+    # Embeddings decay unless this is False (GPT-3 decays them; many LLaMA recipes do not).
+    decay_embeddings: bool = True
+    grad_clip: float = 1.0
+    # Schedule counted in tokens: linear warmup, cosine to min_lr_ratio over decay_tokens, then flat.
+    warmup_tokens: int = 0
+    decay_tokens: Optional[int] = None  # None: the whole run
+    # Batch-size ramp (GPT-3): start at ramp_start_batch sequences, grow linearly to the
+    # global batch over ramp_tokens, in steps of micro_batch * dp.
+    ramp_start_batch: Optional[int] = None
+    ramp_tokens: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    seed: int = 1234
+    precision: str = "fp32"  # fp32 | bf16
+    seq_length: int = 128
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    # None: derived as global / (micro * dp); if given it must agree.
+    grad_accum_steps: Optional[int] = None
+    eval_interval: int = 0  # steps; 0 disables
+    eval_iters: int = 2
+    progress_bar: bool = True
+    # Deterministic algorithms where torch offers them (parity tests).
+    deterministic: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    # None: <run dir>/checkpoints
+    dir: Optional[str] = None
+    interval: int = 0  # steps; 0 saves only at the end
+    save_final: bool = True
+    keep_last: int = 2
+    # auto: resume from the newest checkpoint in dir if there is one.
+    resume: str = "auto"  # auto | never | PATH
+    # Stop after this many steps although max_steps is larger (resume tests, time-boxed jobs).
+    stop_after: Optional[int] = None
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 1
+    plot: bool = True
+    wandb: bool = False
+    wandb_project: str = "pretrain"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    parallel: ParallelConfig = MISSING
+    optim: OptimConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    data: DataConfig = MISSING
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def register_configs() -> None:
+    """Register the schemas; YAML files in conf/<group>/ name them with ``_self_`` defaults."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
+    cs.store(group="parallel", name="parallel_schema", node=ParallelConfig)
+    cs.store(group="optim", name="optim_schema", node=OptimConfig)
+    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
