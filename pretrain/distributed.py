@@ -1,0 +1,108 @@
+"""Process groups: the single place that creates them and tells DeepSpeed about them.
+
+megatron-core's ``parallel_state`` (order tp-cp-ep-dp-pp) and DeepSpeed's
+``PipeModelDataParallelTopology`` (axes pipe, data, model) lay ranks out identically: TP ranks
+are adjacent, then DP, then PP. So megatron-core's TP layers and DeepSpeed's pipeline and ZeRO
+partitioning agree on every group.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from megatron.core import parallel_state
+
+from pretrain import compat
+from pretrain.config import ParallelConfig
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(parallel: ParallelConfig) -> None:
+    """Create the default group and megatron-core's TP/PP/DP groups. Every rank calls this once."""
+    compat.apply()
+    if world_size_from_env() == 1 and "MASTER_ADDR" not in os.environ:
+        # A plain `python -m pretrain.train` is a one-process job; DeepSpeed still wants a group.
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    if compat.cuda_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=compat.dist_backend(), verbose=False)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline
+    )
+
+
+def shutdown() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def topology(parallel: ParallelConfig) -> PipeModelDataParallelTopology:
+    return PipeModelDataParallelTopology(num_pp=parallel.pipeline, num_mp=parallel.tensor, num_dp=parallel.data)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's coordinates in the grid."""
+
+    rank: int
+    tp: int
+    pp: int
+    dp: int
+    dp_size: int
+    is_last_stage: bool
+
+    @property
+    def logs(self) -> bool:
+        """Rank 0 writes files and prints; losses reach it on every layout."""
+        return self.rank == 0
+
+
+def ranks() -> Ranks:
+    return Ranks(
+        rank=dist.get_rank(),
+        tp=parallel_state.get_tensor_model_parallel_rank(),
+        pp=parallel_state.get_pipeline_model_parallel_rank(),
+        dp=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+        is_last_stage=parallel_state.is_pipeline_last_stage(),
+    )
+
+
+class MegatronMPU:
+    """The model-parallel unit DeepSpeed expects (``mpu=``), over megatron-core's groups (pp == 1).
+
+    ZeRO then partitions over the data-parallel group only, and the global gradient norm counts
+    TP-split parameters on every TP rank and replicated ones once.
+    """
+
+    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_src_rank = staticmethod(parallel_state.get_tensor_model_parallel_src_rank)
+    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
+    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+    # Without a pipeline, the model-parallel group is the TP group.
+    get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)

@@ -1,0 +1,170 @@
+"""DeepSpeed runs the optimisation: ZeRO over the data-parallel group, bf16 with fp32 master weights,
+gradient accumulation and clipping, and the 1F1B pipeline schedule when pp > 1.
+
+This module is the only one that talks to DeepSpeed. ``TrainEngine.train_step`` takes the
+micro-batches of one optimizer step for this rank and returns the step's loss and the global
+gradient norm, identically for the plain and the pipeline engine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.utils import clip_grad_norm_
+from megatron.core import parallel_state
+from torch import nn
+
+from pretrain import compat
+from pretrain.config import OptimConfig, ParallelConfig, TrainerConfig
+from pretrain.distributed import MegatronMPU
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # tokens [b, s], labels [b, s]
+
+
+def effective_zero_stage(parallel: ParallelConfig, precision: str) -> int:
+    """bf16 needs DeepSpeed's fp32-master optimizers, which come with ZeRO >= 1.
+
+    (Stage 0 bf16 uses an optimizer that takes a dummy Adam step at start-up and drifts from the
+    fp32-master reference.) ZeRO-1 at dp == 1 partitions nothing; it only keeps the master copy.
+    """
+    if precision == "bf16":
+        return max(1, parallel.zero_stage)
+    return parallel.zero_stage
+
+
+def deepspeed_config(parallel: ParallelConfig, trainer: TrainerConfig, optim: OptimConfig, grad_accum: int) -> dict:
+    stage = effective_zero_stage(parallel, trainer.precision)
+    bf16 = trainer.precision == "bf16"
+    config = {
+        "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": trainer.micro_batch_size * grad_accum * parallel.data,
+        # An infinite threshold computes the norm without clipping.
+        "gradient_clipping": optim.grad_clip if optim.grad_clip > 0 else math.inf,
+        "zero_optimization": {"stage": stage},
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if bf16 and stage == 1:
+        # Accumulate gradients in fp32 (BF16_Optimizer); stages 2/3 reduce into fp32 partitions.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
+
+
+def apply_sequence_parallel_grad_sync(model: nn.Module) -> None:
+    """All-reduce over TP the gradients of parameters used on sequence shards (norms, row biases).
+
+    Each TP rank sees a different slice of the sequence, so those gradients are partial sums.
+    megatron-core leaves this to its own optimizer; under DeepSpeed a gradient hook does it, before
+    DeepSpeed's accumulation hooks see the gradient (every ZeRO stage).
+    """
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return
+    group = parallel_state.get_tensor_model_parallel_group()
+
+    def reduce(grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=group)
+        return grad
+
+    for p in model.parameters():
+        if getattr(p, "sequence_parallel", False):
+            p.register_hook(reduce)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+
+
+class TrainEngine:
+    """One DeepSpeed engine (plain or pipeline) behind a small interface. All ranks call every method."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: dict, parallel: ParallelConfig):
+        self.pipeline = parallel.pipeline > 1
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            config=config,
+            mpu=None if self.pipeline else MegatronMPU(),  # the pipeline module brings its own grid
+        )
+        self._fp32_norm: Optional[float] = None
+        if not (self.ds.zero_optimization() or self.ds.bfloat16_enabled()):
+            self._record_norm_when_clipping()
+
+    def _record_norm_when_clipping(self) -> None:
+        # Without ZeRO/bf16 DeepSpeed clips fp32 gradients itself and drops the norm it computed.
+        engine = self.ds
+
+        def clip():
+            self._fp32_norm = float(
+                clip_grad_norm_(engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+            )
+
+        engine.clip_fp32_gradients = clip
+
+    @property
+    def device(self) -> torch.device:
+        return compat.device()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def set_global_batch(self, sequences: int) -> None:
+        if sequences != self.ds.train_batch_size():
+            self.ds.set_train_batch_size(sequences)
+
+    def grad_accum_steps(self) -> int:
+        return self.ds.gradient_accumulation_steps()
+
+    def train_step(self, micro_batches: list[Batch]) -> StepResult:
+        """One optimizer step over this rank's micro-batches; loss averaged over micro-batches and DP."""
+        self.ds.train()
+        if self.pipeline:
+            loss = self.ds.train_batch(iter(micro_batches))
+        else:
+            total = torch.zeros((), device=self.device)
+            for tokens, labels in micro_batches:
+                loss = self.ds(tokens, labels)
+                self.ds.backward(loss)
+                self.ds.step()
+                total += loss.detach().float()
+            loss = total / len(micro_batches)
+            dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+            loss /= parallel_state.get_data_parallel_world_size()
+        norm = self.ds.get_global_grad_norm()
+        norm = self._fp32_norm if norm is None else norm
+        return StepResult(loss=float(loss), grad_norm=float(norm))
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[Batch]) -> float:
+        """Mean loss over this rank's micro-batches, averaged over DP. No parameter changes."""
+        self.ds.eval()
+        if self.pipeline:
+            loss = self.ds.eval_batch(iter(micro_batches), num_micro_batches=len(micro_batches))
+        else:
+            loss = sum(self.ds(tokens, labels).float() for tokens, labels in micro_batches) / len(micro_batches)
+            dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+            loss /= parallel_state.get_data_parallel_world_size()
+        self.ds.train()
+        return float(loss)
+
+    def save(self, directory: str, tag: str, client_state: dict) -> None:
+        self.ds.save_checkpoint(directory, tag=tag, client_state=client_state)
+
+    def load(self, directory: str, tag: Optional[str] = None) -> Optional[dict]:
+        path, client_state = self.ds.load_checkpoint(directory, tag=tag)
+        return None if path is None else client_state
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module

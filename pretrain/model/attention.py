@@ -1,0 +1,70 @@
+"""Attention, RMSNorm and rotary embedding, dispatched to a backend named in the model config.
+
+- ``sdpa``: PyTorch scaled_dot_product_attention (flash / memory-efficient kernels where available).
+- ``eager``: explicit math, the readable reference.
+- ``triton``: the fused kernels in ``kernels/`` (imported as ``pretrain_kernels``).
+
+Shapes: q [b, hq, s, d]; k, v [b, hkv, s, d] with hq % hkv == 0 (GQA/MQA).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def _kernels():
+    import pretrain_kernels
+
+    return pretrain_kernels
+
+
+def _banded_causal_mask(s: int, window: int, device) -> torch.Tensor:
+    """True where query i may attend key j: i - window < j <= i."""
+    i = torch.arange(s, device=device)[:, None]
+    j = torch.arange(s, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+def attention(q, k, v, window: Optional[int], dropout_p: float, backend: str) -> torch.Tensor:
+    if backend == "triton" and dropout_p == 0.0:
+        return _kernels().causal_attention(q, k, v, window=window)
+    if backend == "eager":
+        return _eager_attention(q, k, v, window, dropout_p)
+    mask = None if window is None else _banded_causal_mask(q.shape[2], window, q.device)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, enable_gqa=k.shape[1] != q.shape[1]
+    )
+
+
+def _eager_attention(q, k, v, window, dropout_p):
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5  # (b, h, s, s)
+    s = q.shape[2]
+    allowed = _banded_causal_mask(s, window if window is not None else s, q.device)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = F.dropout(probs, dropout_p, training=dropout_p > 0.0)
+    return probs @ v
+
+
+def rms_norm(x, weight, eps: float, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        return _kernels().rms_norm(x, weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(q, k, cos, sin, backend: str):
+    """Rotate q and k by position; cos/sin [s, d] in the rotate-half convention."""
+    if backend == "triton":
+        return _kernels().apply_rotary(q, k, cos, sin)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

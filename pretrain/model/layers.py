@@ -1,0 +1,304 @@
+"""Decoder building blocks on megatron-core tensor-parallel layers.
+
+Activations are sequence-first, ``[s, b, h]`` (megatron-core's convention; sequence parallelism
+shards dim 0). These files only say which projection is column- or row-parallel; process groups
+come from megatron-core's ``parallel_state`` inside those layers.
+
+Each top-level layer has a ``canonical_name`` ("embed", "blocks.3", ...) that does not depend on
+the parallel layout; weight init and export key off it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.model_parallel_config import ModelParallelConfig
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from pretrain.config import ModelConfig
+from pretrain.model import attention as attn_ops
+
+
+def _no_init(weight):
+    """Weights are filled later by ``init.apply_init`` from layout-independent full tensors."""
+
+
+def _mark_sequence_parallel(module: nn.Module, enabled: bool) -> None:
+    # Parameters used on a sequence shard get partial gradients on each TP rank; the engine
+    # all-reduces gradients of parameters carrying this flag (see engine.apply_sequence_parallel_grad_sync).
+    for p in module.parameters():
+        p.sequence_parallel = enabled
+
+
+def build_norm(cfg: ModelConfig, sequence_parallel: bool) -> nn.Module:
+    if cfg.norm == "layernorm":
+        norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.bias)
+    else:
+        norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, backend=cfg.attention_backend)
+    _mark_sequence_parallel(norm, sequence_parallel)
+    return norm
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden: int, eps: float, backend: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+        self.backend = backend
+
+    def forward(self, x):
+        return attn_ops.rms_norm(x, self.weight, self.eps, self.backend)
+
+
+def rope_cos_sin(seq: int, dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [seq, dim] in the rotate-half convention (GPT-NeoX / HF Llama), fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    freqs = torch.outer(torch.arange(seq, dtype=torch.float32, device=device), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+class Dropout(nn.Module):
+    """Dropout that draws from the per-TP-rank RNG stream when activations are sequence-sharded."""
+
+    def __init__(self, p: float, sequence_parallel: bool):
+        super().__init__()
+        self.p = p
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, x):
+        if not self.training or self.p == 0.0:
+            return x
+        if self.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                return F.dropout(x, self.p, True)
+        return F.dropout(x, self.p, True)
+
+
+class Attention(nn.Module):
+    """Causal self-attention; QKV column-parallel, output row-parallel.
+
+    The fused QKV output is laid out as [kv_head, group + 2, head_dim] (group = query heads per
+    KV head: the group's queries, then its key, then its value), so splitting the columns into
+    TP chunks gives every rank whole KV groups.
+    """
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, layer_index: int):
+        super().__init__()
+        tp = mp.tensor_model_parallel_size
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = cfg.num_kv_heads or cfg.num_attention_heads
+        self.kv_heads = kv_heads // tp  # per rank
+        self.group = cfg.num_attention_heads // kv_heads
+        self.cfg = cfg
+        self.window = _window_for_layer(cfg, layer_index)
+        self.qkv = tensor_parallel.ColumnParallelLinear(
+            cfg.hidden_size,
+            kv_heads * (self.group + 2) * self.head_dim,
+            config=mp,
+            init_method=_no_init,
+            bias=cfg.bias,
+            gather_output=False,
+        )
+        self.proj = tensor_parallel.RowParallelLinear(
+            cfg.num_attention_heads * self.head_dim,
+            cfg.hidden_size,
+            config=mp,
+            init_method=_no_init,
+            bias=cfg.bias,
+            input_is_parallel=True,
+            skip_bias_add=False,
+        )
+        self.proj.weight.residual_output = True
+
+    def forward(self, x, rope: Optional[tuple[torch.Tensor, torch.Tensor]]):
+        qkv, _ = self.qkv(x)  # [s, b, kv * (g + 2) * d] (full sequence after the SP all-gather)
+        s, b = qkv.shape[:2]
+        qkv = qkv.view(s, b, self.kv_heads, self.group + 2, self.head_dim)
+        q = qkv[:, :, :, : self.group].reshape(s, b, self.kv_heads * self.group, self.head_dim)
+        k, v = qkv[:, :, :, self.group], qkv[:, :, :, self.group + 1]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # (b, heads, s, d)
+        if rope is not None:
+            cos, sin = rope
+            q, k = attn_ops.apply_rotary(q, k, cos.to(q.dtype), sin.to(q.dtype), self.cfg.attention_backend)
+        dropout = self.cfg.attention_dropout if self.training else 0.0
+        if dropout > 0.0:
+            with tensor_parallel.get_cuda_rng_tracker().fork():  # heads differ per TP rank
+                out = attn_ops.attention(q, k, v, self.window, dropout, self.cfg.attention_backend)
+        else:
+            out = attn_ops.attention(q, k, v, self.window, 0.0, self.cfg.attention_backend)
+        out = out.permute(2, 0, 1, 3).reshape(s, b, -1)  # (s, b, heads * d)
+        out, _ = self.proj(out)
+        return out
+
+
+def ffn_hidden_size(cfg: ModelConfig) -> int:
+    if cfg.ffn_hidden_size:
+        return cfg.ffn_hidden_size
+    if cfg.activation == "swiglu":
+        hidden = int(2 * 4 * cfg.hidden_size / 3)
+        return cfg.ffn_multiple_of * math.ceil(hidden / cfg.ffn_multiple_of)
+    return 4 * cfg.hidden_size
+
+
+class MLP(nn.Module):
+    """GELU or SwiGLU MLP; first projection column-parallel, second row-parallel.
+
+    For SwiGLU the first projection's rows interleave gate and up ([ffn, 2]), so TP chunks keep
+    matching pairs together.
+    """
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        ffn = ffn_hidden_size(cfg)
+        self.gated = cfg.activation == "swiglu"
+        self.fc1 = tensor_parallel.ColumnParallelLinear(
+            cfg.hidden_size, ffn * (2 if self.gated else 1), config=mp, init_method=_no_init,
+            bias=cfg.bias, gather_output=False,
+        )
+        self.fc2 = tensor_parallel.RowParallelLinear(
+            ffn, cfg.hidden_size, config=mp, init_method=_no_init, bias=cfg.bias,
+            input_is_parallel=True, skip_bias_add=False,
+        )
+        self.fc2.weight.residual_output = True
+
+    def forward(self, x):
+        h, _ = self.fc1(x)
+        if self.gated:
+            h = h.unflatten(-1, (-1, 2))
+            h = F.silu(h[..., 0]) * h[..., 1]
+        else:
+            h = F.gelu(h, approximate="tanh")
+        out, _ = self.fc2(h)
+        return out
+
+
+def _window_for_layer(cfg: ModelConfig, index: int) -> Optional[int]:
+    which = cfg.local_attention_layers
+    if cfg.local_window is None or which == "none":
+        return None
+    if which == "all" or (which == "odd") == (index % 2 == 1):
+        return cfg.local_window
+    return None
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)); or PaLM's parallel form."""
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, index: int):
+        super().__init__()
+        self.canonical_name = f"blocks.{index}"
+        self.cfg = cfg
+        sp = mp.sequence_parallel
+        self.ln1 = build_norm(cfg, sp)
+        self.attn = Attention(cfg, mp, index)
+        if not cfg.parallel_block:
+            self.ln2 = build_norm(cfg, sp)
+        self.mlp = MLP(cfg, mp)
+        self.dropout = Dropout(cfg.hidden_dropout, sp)
+        self.activation_checkpoint = False
+        # Under SP the block sees [s / tp, b, h]; rotary tables cover the full sequence.
+        self._seq_factor = mp.tensor_model_parallel_size if sp else 1
+        self._rope: Optional[tuple] = None
+
+    def _rope_tables(self, x):
+        if self.cfg.position_embedding != "rope":
+            return None
+        seq = x.shape[0] * self._seq_factor
+        if self._rope is None or self._rope[0].shape[0] != seq or self._rope[0].device != x.device:
+            self._rope = rope_cos_sin(seq, self.attn.head_dim, self.cfg.rope_theta, x.device)
+        return self._rope
+
+    def _forward(self, x):
+        rope = self._rope_tables(x)
+        if self.cfg.parallel_block:
+            h = self.ln1(x)
+            return x + self.dropout(self.attn(h, rope)) + self.dropout(self.mlp(h))
+        x = x + self.dropout(self.attn(self.ln1(x), rope))
+        return x + self.dropout(self.mlp(self.ln2(x)))
+
+    def forward(self, x):
+        if self.activation_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
+
+
+class WordEmbedding(nn.Module):
+    """Vocabulary-parallel token embedding: tokens [b, s] -> [b, s, h] (summed over TP ranks).
+
+    With tied embeddings the same module computes the output logits (``logits``).
+    """
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, padded_vocab: int):
+        super().__init__()
+        self.canonical_name = "embed"
+        self.word = tensor_parallel.VocabParallelEmbedding(
+            padded_vocab, cfg.hidden_size, init_method=_no_init, config=mp
+        )
+        self.sequence_parallel = mp.sequence_parallel
+
+    def forward(self, tokens):
+        return self.word(tokens)
+
+    def logits(self, x):
+        """x: [s/tp if SP else s, b, h] -> logits [s, b, vocab/tp]."""
+        if self.sequence_parallel:
+            x = tensor_parallel.gather_from_sequence_parallel_region(x)
+        else:
+            x = tensor_parallel.copy_to_tensor_model_parallel_region(x)
+        return F.linear(x, self.word.weight)
+
+
+class EmbeddingOutput(nn.Module):
+    """Adds learned positions, goes sequence-first, shards the sequence under SP, applies dropout."""
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        self.canonical_name = "embed_out"
+        self.pos = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.position_embedding == "learned" else None
+        self.sequence_parallel = mp.sequence_parallel
+        self.dropout = Dropout(cfg.hidden_dropout, mp.sequence_parallel)
+
+    def forward(self, x):  # x: [b, s, h]
+        if self.pos is not None:
+            x = x + self.pos(torch.arange(x.shape[1], device=x.device))
+        x = x.transpose(0, 1).contiguous()  # (s, b, h)
+        if self.sequence_parallel:
+            x = tensor_parallel.scatter_to_sequence_parallel_region(x)
+        return self.dropout(x)
+
+
+class FinalNorm(nn.Module):
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
+        super().__init__()
+        self.canonical_name = "final_norm"
+        self.norm = build_norm(cfg, mp.sequence_parallel)
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+class OutputLayer(nn.Module):
+    """Untied LM head: column-parallel over the vocabulary (all-gathers the sequence under SP)."""
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, padded_vocab: int):
+        super().__init__()
+        self.canonical_name = "output"
+        self.linear = tensor_parallel.ColumnParallelLinear(
+            cfg.hidden_size, padded_vocab, config=mp, init_method=_no_init, bias=False, gather_output=False
+        )
+
+    def forward(self, x):
+        logits, _ = self.linear(x)
+        return logits
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss. logits [s, b, vocab/tp], labels [b, s]."""
+    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous())
+    return losses.mean()
