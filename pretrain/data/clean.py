@@ -1,0 +1,106 @@
+"""Stage 1, cleaning: Unicode normalisation, invalid UTF-8, C4 heuristics, GPT-3's 200-character minimum.
+
+C4 (Raffel et al. 2020) rules, as applied here:
+- lines: keep lines ending in terminal punctuation with at least ``min_words_per_line`` words;
+  drop lines mentioning "javascript";
+- pages: drop pages with "lorem ipsum" or a curly brace, and pages left with fewer than
+  ``min_sentences`` sentences;
+- repeated three-sentence spans: a line holding a span of three sentences already seen in the
+  same source is removed (C4 keeps the first occurrence).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections import Counter
+from typing import Iterable, List, Optional, Set, Tuple
+
+from pretrain.data.config import CleanConfig
+
+Doc = Tuple[str, str]
+
+EOD_LITERAL = "<|endoftext|>"
+_TERMINAL = (".", "!", "?", '"', "'", "\u201d", "\u2019")
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"'\u201d\u2019)]*\s+")
+_LOREM = re.compile(r"lorem ipsum", re.I)
+_JS = re.compile(r"javascript", re.I)
+
+
+def split_sentences(text: str) -> List[str]:
+    return [s for s in _SENTENCE_END.split(text.strip()) if s.strip()]
+
+
+def _span_hashes(sentences: List[str]) -> List[bytes]:
+    norm = [" ".join(s.lower().split()) for s in sentences]
+    return [hashlib.blake2b("\n".join(norm[i : i + 3]).encode(), digest_size=8).digest() for i in range(len(norm) - 2)]
+
+
+def clean_document(text: str, cfg: CleanConfig, seen_spans: Optional[Set[bytes]] = None) -> Tuple[Optional[str], Counter]:
+    """Return (cleaned text or None if dropped, counts of what happened)."""
+    why: Counter = Counter()
+    bad = text.count("\ufffd")
+    if bad:
+        if bad > cfg.max_invalid_utf8_fraction * max(len(text), 1):
+            why["invalid_utf8"] += 1
+            return None, why
+        why["utf8_repaired"] += 1
+    if EOD_LITERAL in text:  # would collide with the end-of-text token at tokenization
+        text = text.replace(EOD_LITERAL, "")
+        why["eod_literal_removed"] += 1
+    if cfg.unicode_form.lower() != "none":
+        normalized = unicodedata.normalize(cfg.unicode_form.upper(), text)
+        if normalized != text:
+            why["unicode_normalized"] += 1
+        text = normalized
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+
+    if cfg.c4_page:
+        if _LOREM.search(text):
+            why["lorem_ipsum"] += 1
+            return None, why
+        if cfg.drop_curly_braces and ("{" in text or "}" in text):
+            why["curly_brace"] += 1
+            return None, why
+    if cfg.c4_lines or (cfg.dedup_sentence_spans and seen_spans is not None):
+        kept = []
+        for line in text.split("\n"):
+            s = line.strip()
+            if not s:
+                kept.append("")  # paragraph breaks survive
+                continue
+            if cfg.c4_lines:
+                if not s.endswith(_TERMINAL) or len(s.split()) < cfg.min_words_per_line:
+                    why["lines_dropped"] += 1
+                    continue
+                if _JS.search(s):
+                    why["lines_javascript"] += 1
+                    continue
+            if cfg.dedup_sentence_spans and seen_spans is not None:
+                spans = _span_hashes(split_sentences(s))
+                if any(h in seen_spans for h in spans):
+                    why["lines_repeated_span"] += 1
+                    continue
+                seen_spans.update(spans)
+            kept.append(line.rstrip())
+        text = re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip("\n")
+    if cfg.c4_page and len(split_sentences(text)) < cfg.min_sentences:
+        why["few_sentences"] += 1
+        return None, why
+    if len(text) < cfg.min_chars:
+        why["too_short"] += 1
+        return None, why
+    return text, why
+
+
+def clean_documents(docs: Iterable[Doc], cfg: CleanConfig) -> Tuple[List[Doc], Counter]:
+    """Clean one source's documents; span deduplication is within the source."""
+    seen: Set[bytes] = set()
+    out, counts = [], Counter()
+    for doc_id, text in docs:
+        cleaned, why = clean_document(text, cfg, seen)
+        counts.update(why)
+        if cleaned is not None:
+            out.append((doc_id, cleaned))
+    return out, counts

@@ -1,0 +1,94 @@
+"""Stage 4, decontamination against evaluation sets, as in GPT-3 (and lm-eval's janitor).
+
+Words are whitespace-split, lower-cased, with punctuation removed. Every 13-gram of a training
+document found in an evaluation file is a hit: the hit plus ``window_chars`` characters on each
+side is cut out and the document split there (overlapping cuts merge into one). A document cut
+more than ``max_splits`` times is dropped; fragments shorter than ``min_fragment_chars`` too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, List, Sequence, Set, Tuple
+
+from pretrain.data.config import DecontamConfig
+
+Doc = Tuple[str, str]
+_PUNCT = str.maketrans("", "", string.punctuation + "\u2018\u2019\u201c\u201d")
+_WORD = re.compile(r"\S+")
+
+
+def _words_with_spans(text: str) -> Tuple[List[str], List[Tuple[int, int]]]:
+    words, spans = [], []
+    for m in _WORD.finditer(text):
+        w = m.group().lower().translate(_PUNCT)
+        if w:
+            words.append(w)
+            spans.append(m.span())
+    return words, spans
+
+
+def ngrams_of(text: str, n: int) -> Set[int]:
+    words, _ = _words_with_spans(text)
+    return {hash(tuple(words[i : i + n])) for i in range(len(words) - n + 1)}
+
+
+def read_eval_texts(paths: Sequence[str]) -> Iterable[str]:
+    """Evaluation files: JSONL (field "text", else every string value) or plain text (whole file)."""
+    for p in map(Path, paths):
+        if p.suffix in (".jsonl", ".json"):
+            for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    yield rec["text"] if "text" in rec else " ".join(v for v in rec.values() if isinstance(v, str))
+        else:
+            yield p.read_text(encoding="utf-8", errors="replace")
+
+
+def build_eval_ngrams(paths: Sequence[str], n: int) -> Set[int]:
+    grams: Set[int] = set()
+    for text in read_eval_texts(paths):
+        grams |= ngrams_of(text, n)
+    return grams
+
+
+def decontaminate_document(text: str, eval_ngrams: Set[int], cfg: DecontamConfig) -> Tuple[List[str], int]:
+    """Return (clean fragments, number of cuts); an empty list means the document is dropped."""
+    words, spans = _words_with_spans(text)
+    n = cfg.ngram
+    cuts: List[List[int]] = []
+    for i in range(len(words) - n + 1):
+        if hash(tuple(words[i : i + n])) in eval_ngrams:
+            start = max(0, spans[i][0] - cfg.window_chars)
+            end = min(len(text), spans[i + n - 1][1] + cfg.window_chars)
+            if cuts and start <= cuts[-1][1]:
+                cuts[-1][1] = max(cuts[-1][1], end)
+            else:
+                cuts.append([start, end])
+    if not cuts:
+        return [text], 0
+    if len(cuts) > cfg.max_splits:
+        return [], len(cuts)
+    pieces, pos = [], 0
+    for start, end in cuts:
+        pieces.append(text[pos:start])
+        pos = end
+    pieces.append(text[pos:])
+    return [p.strip() for p in pieces if len(p.strip()) >= cfg.min_fragment_chars], len(cuts)
+
+
+def decontaminate(docs: Iterable[Doc], eval_ngrams: Set[int], cfg: DecontamConfig) -> Tuple[List[Doc], Counter]:
+    out, c = [], Counter()
+    for doc_id, text in docs:
+        pieces, ncuts = decontaminate_document(text, eval_ngrams, cfg)
+        if ncuts:
+            c["contaminated_docs"] += 1
+            c["cuts"] += ncuts
+            if not pieces:
+                c["dropped_docs"] += 1
+        out.extend((doc_id if len(pieces) == 1 and not ncuts else f"{doc_id}#{k}", p) for k, p in enumerate(pieces))
+    return out, c

@@ -1,0 +1,363 @@
+"""prepare_data: sources -> clean -> quality -> dedup -> decontam -> tokenizer -> shards, cached.
+
+Every stage's key is computed up front from the config and the inputs' fingerprints (file
+sizes and mtimes), so a finished run is recognised without reading any text: the second call
+(other ranks after the barrier, or a re-run) is a cheap cache hit. Called by rank 0 first.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pretrain.data import cache
+from pretrain.data.config import DataConfig, SourceConfig, StagesConfig
+from pretrain.data.mixture import check_weights, mixture_report, print_report, split_fractions, write_report
+from pretrain.data.sources import DataConfigError, fingerprint, read_source, source_files
+from pretrain.data.stats import print_stage_table, stage_stats
+from pretrain.data.tokenizer import KINDS, eod_id, fixed_fingerprint, load_fixed, sample_for_training, train_bpe
+
+Docs = Dict[str, List[Tuple[str, str]]]
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass
+class PreparedData:
+    """What the trainer needs from the pipeline; ``sources`` are (name, dataset_prefix, weight)."""
+
+    tokenizer_file: str
+    vocab_size: int
+    eod_id: int
+    sources: List[Tuple[str, str, float]]
+    shard_dir: str
+    tokens: Dict[str, int] = field(default_factory=dict)  # per source, all splits, EOD included
+    docs: Dict[str, int] = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+    stage_stats: Dict[str, dict] = field(default_factory=dict)
+    cache_hit: bool = False
+
+
+# ---- config ---------------------------------------------------------------------------------------
+
+
+def to_config(data_cfg) -> DataConfig:
+    """The typed DataConfig of a composed ``data`` section (DictConfig, dict or DataConfig)."""
+    if isinstance(data_cfg, DataConfig):
+        return data_cfg
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(DataConfig), data_cfg)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise DataConfigError(f"data config: {e}".replace("\n", "; ")) from None
+
+
+def effective_stages(cfg: DataConfig, src: SourceConfig) -> StagesConfig:
+    """Global stage settings with the source's overrides applied."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.stages), src.overrides or {}))
+    except OmegaConfBaseException as e:
+        msg = str(e).splitlines()[0]
+        raise DataConfigError(f"data.sources[{src.name}].overrides: {msg}") from None
+
+
+def validate(cfg: DataConfig) -> Dict[str, StagesConfig]:
+    """Check everything checkable before work starts; returns each source's effective stages."""
+    if not cfg.sources:
+        raise DataConfigError("data.sources is empty: list at least one source (name, path)")
+    names = [s.name for s in cfg.sources]
+    for n in names:
+        if not _NAME.match(n):
+            raise DataConfigError(f"data.sources name {n!r}: use letters, digits, '_', '-', '.'")
+    if len(set(names)) != len(names):
+        raise DataConfigError(f"data.sources: names must be unique, got {names}")
+    for s in cfg.sources:
+        source_files(s, cfg.root)  # missing files, bad format, absent text field
+    check_weights(cfg.sources)
+    split_fractions(cfg.split)
+    eff = {s.name: effective_stages(cfg, s) for s in cfg.sources}
+    if any(e.decontam.enabled for e in eff.values()):
+        for f in cfg.eval_files:
+            if not Path(f).is_file():
+                raise DataConfigError(f"data.eval_files: {f} does not exist")
+    filtered = [s.name for s in cfg.sources if eff[s.name].quality.enabled and not s.curated]
+    if filtered and not any(s.curated for s in cfg.sources):
+        raise DataConfigError(
+            f"data.sources {filtered} are quality-filtered but no source is curated: mark the reference "
+            f"sources `curated: true`, or set quality.enabled=false"
+        )
+    tok = cfg.tokenizer
+    if tok.kind not in KINDS:
+        raise DataConfigError(f"data.tokenizer.kind={tok.kind!r}: choose one of {KINDS}")
+    if tok.kind == "bpe" and tok.vocab_size < 257:
+        raise DataConfigError(f"data.tokenizer.vocab_size={tok.vocab_size}: a byte-level BPE needs at least 257")
+    if tok.kind != "bpe":
+        try:
+            load_fixed(tok)
+        except (FileNotFoundError, ValueError) as e:
+            raise DataConfigError(str(e)) from None
+    return eff
+
+
+# ---- stage keys -----------------------------------------------------------------------------------
+
+
+def _keys(cfg: DataConfig, eff: Dict[str, StagesConfig]) -> Dict[str, object]:
+    clean = {}
+    for s in cfg.sources:
+        ident = {k: getattr(s, k) for k in ("path", "format", "text_field", "max_docs")}
+        clean[s.name] = cache.make_key("clean-v1", ident, fingerprint(s, cfg.root), asdict(eff[s.name].clean))
+    order = [s.name for s in cfg.sources]
+    quality = cache.make_key(
+        "quality-v1", order, clean, {s.name: (s.curated, asdict(eff[s.name].quality)) for s in cfg.sources}
+    )
+    dedup = cache.make_key("dedup-v1", quality, asdict(cfg.stages.dedup), {n: e.dedup.enabled for n, e in eff.items()})
+    evals = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in cfg.eval_files if os.path.isfile(f)]
+    decontam = cache.make_key("decontam-v1", dedup, evals, {n: asdict(e.decontam) for n, e in eff.items()})
+    tok = asdict(cfg.tokenizer)
+    tokenizer = cache.make_key("tokenizer-v1", tok, decontam if cfg.tokenizer.kind == "bpe" else fixed_fingerprint(cfg.tokenizer))
+    shards = cache.make_key("shards-v1", decontam, tokenizer)
+    return dict(clean=clean, quality=quality, dedup=dedup, decontam=decontam, tokenizer=tokenizer, shards=shards)
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+
+class _Run:
+    """State of one prepare_data call: config, console, and the documents of the latest stage."""
+
+    def __init__(self, cfg: DataConfig, eff: Dict[str, StagesConfig], console):
+        self.cfg, self.eff, self.console = cfg, eff, console
+        self.root = Path(os.path.expanduser(cfg.cache_dir))
+        self.stats: Dict[str, dict] = {}
+
+    def bar(self, total, desc, unit="doc"):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False, disable=None if self.cfg.progress else True)
+
+    def docs_files(self, stage: str, key: str) -> Dict[str, Path]:
+        m = cache.read_manifest(cache.stage_dir(self.root, stage, key))
+        self.stats[stage] = m.get("stats", {})
+        return {n: self.root / rel for n, rel in m["docs"].items()}
+
+    def check_nonempty(self, stage: str, docs: Docs) -> None:
+        empty = [n for n, d in docs.items() if not d]
+        if empty:
+            raise DataConfigError(
+                f"source(s) {empty} have no documents left after {stage}; loosen data.stages.{stage} "
+                f"(or that source's overrides), or remove the source"
+            )
+
+
+def _load(files: Dict[str, Path]) -> Docs:
+    return {n: cache.read_docs(p) for n, p in files.items()}
+
+
+def _save_stage(run: _Run, stage: str, key: str, docs: Docs, changed: set, upstream: Dict[str, Path], stats: dict) -> Dict[str, Path]:
+    """Write changed sources' documents; unchanged ones keep pointing at the upstream file."""
+    path = cache.stage_dir(run.root, stage, key)
+    with cache.building(path) as (tmp, manifest):
+        rel = {}
+        for n in docs:
+            if n in changed:
+                cache.write_docs(tmp / f"{n}.jsonl", docs[n])
+                rel[n] = str((path / f"{n}.jsonl").relative_to(run.root))
+            else:
+                rel[n] = str(upstream[n].relative_to(run.root))
+        manifest.update(docs=rel, stats=stats)
+    run.stats[stage] = stats
+    print_stage_table(run.console, stage, stats)
+    return {n: run.root / r for n, r in rel.items()}
+
+
+# ---- stages ---------------------------------------------------------------------------------------
+
+
+def _stage_clean(run: _Run, keys) -> Dict[str, Path]:
+    from pretrain.data.clean import clean_documents
+
+    files, stats = {}, {}
+    for s in run.cfg.sources:
+        path = cache.stage_dir(run.root, "clean", keys["clean"][s.name])
+        if cache.is_done(path):
+            stats[s.name] = cache.read_manifest(path)["stats"]
+        else:
+            with cache.building(path) as (tmp, manifest):
+                raw = []
+                with run.bar(None, f"read {s.name}") as bar:
+                    for doc in read_source(s, run.cfg.root):
+                        raw.append(doc)
+                        bar.update()
+                cfg = run.eff[s.name].clean
+                kept, why = clean_documents(raw, cfg) if cfg.enabled else (raw, {})
+                run.check_nonempty("clean", {s.name: kept})
+                cache.write_docs(tmp / "docs.jsonl", kept)
+                manifest["stats"] = stats[s.name] = stage_stats(raw, kept, why)
+        files[s.name] = path / "docs.jsonl"
+    run.stats["clean"] = stats
+    print_stage_table(run.console, "clean", stats)
+    return files
+
+
+def _stage_quality(run: _Run, keys, upstream: Dict[str, Path]) -> Dict[str, Path]:
+    from pretrain.data.quality import quality_filter
+
+    cfgs = {s.name: run.eff[s.name].quality for s in run.cfg.sources}
+    targets = [s.name for s in run.cfg.sources if cfgs[s.name].enabled and not s.curated]
+    if not targets:
+        return upstream
+    docs = _load(upstream)
+    curated = {s.name: docs[s.name] for s in run.cfg.sources if s.curated}
+    t0 = time.time()
+    kept, why = quality_filter(curated, {n: docs[n] for n in targets}, cfgs[targets[0]])
+    run.check_nonempty("quality", kept)
+    stats = {n: stage_stats(docs[n], kept[n], why[n]) for n in targets}
+    run.console.print(f"quality classifier trained and applied in {time.time() - t0:.1f}s")
+    return _save_stage(run, "quality", keys["quality"], {**docs, **kept}, set(targets), upstream, stats)
+
+
+def _stage_dedup(run: _Run, keys, upstream: Dict[str, Path]) -> Dict[str, Path]:
+    from pretrain.data.dedup import deduplicate
+
+    cfg = run.cfg.stages.dedup
+    targets = [s for s in run.cfg.sources if run.eff[s.name].dedup.enabled]
+    if not cfg.enabled or not targets:
+        return upstream
+    docs = _load(upstream)
+    order = [s.name for s in sorted(targets, key=lambda s: not s.curated)]  # curated first
+    with run.bar(sum(len(docs[n]) for n in order), "dedup") as bar:
+        kept, why = deduplicate({n: docs[n] for n in order}, cfg, progress=bar.update)
+    run.check_nonempty("dedup", kept)
+    stats = {n: stage_stats(docs[n], kept[n], why[n]) for n in order}
+    return _save_stage(run, "dedup", keys["dedup"], {**docs, **kept}, set(order), upstream, stats)
+
+
+def _stage_decontam(run: _Run, keys, upstream: Dict[str, Path]) -> Dict[str, Path]:
+    from pretrain.data.decontam import build_eval_ngrams, decontaminate
+
+    targets = [s.name for s in run.cfg.sources if run.eff[s.name].decontam.enabled]
+    if not targets or not run.cfg.eval_files:
+        return upstream
+    docs = _load(upstream)
+    kept, stats = {}, {}
+    grams_by_n = {}
+    for n in targets:
+        c = run.eff[n].decontam
+        if c.ngram not in grams_by_n:
+            grams_by_n[c.ngram] = build_eval_ngrams(run.cfg.eval_files, c.ngram)
+        kept[n], why = decontaminate(docs[n], grams_by_n[c.ngram], c)
+        stats[n] = stage_stats(docs[n], kept[n], why)
+    run.check_nonempty("decontam", kept)
+    return _save_stage(run, "decontam", keys["decontam"], {**docs, **kept}, set(targets), upstream, stats)
+
+
+def _stage_tokenizer(run: _Run, keys, upstream: Dict[str, Path]) -> Path:
+    path = cache.stage_dir(run.root, "tokenizer", keys["tokenizer"])
+    if cache.is_done(path):
+        return path / "tokenizer.json"
+    tc = run.cfg.tokenizer
+    with cache.building(path) as (tmp, manifest):
+        t0 = time.time()
+        if tc.kind == "bpe":
+            docs = _load(upstream)
+            texts = {n: [t for _, t in d] for n, d in docs.items()}
+            tok = train_bpe(sample_for_training(texts, tc.train_bytes), tc)
+            what = f"trained a byte-level BPE, vocab {tok.get_vocab_size():,}"
+        else:
+            tok = load_fixed(tc)
+            what = f"loaded the {tc.kind} tokenizer, vocab {tok.get_vocab_size():,}"
+        tok.save(str(tmp / "tokenizer.json"))
+        manifest.update(vocab_size=tok.get_vocab_size(), eod_id=eod_id(tok, tc.eod_token))
+    run.console.print(f"tokenizer: {what} in {time.time() - t0:.1f}s")
+    return path / "tokenizer.json"
+
+
+def _stage_shards(run: _Run, keys, upstream: Dict[str, Path], tokenizer_file: Path) -> Path:
+    from pretrain.data.shards import write_shards
+
+    path = cache.stage_dir(run.root, "shards", keys["shards"])
+    tok_manifest = cache.read_manifest(tokenizer_file.parent)
+    docs = _load(upstream)
+    texts = {n: [t for _, t in d] for n, d in docs.items()}
+    total = sum(len(t) for ts in texts.values() for t in ts)
+    t0 = time.time()
+    with cache.building(path) as (tmp, manifest), run.bar(total, "tokenize+write", unit="char") as bar:
+        out = write_shards(
+            texts, str(tokenizer_file), tok_manifest["eod_id"], tok_manifest["vocab_size"], tmp,
+            num_workers=run.cfg.num_workers, on_chunk=bar.update,
+        )
+        manifest.update(
+            tokenizer_key=keys["tokenizer"],
+            sources={n: {"docs": o["docs"], "tokens": o["tokens"]} for n, o in out.items()},
+            stats=run.stats,
+        )
+    ntok = sum(o["tokens"] for o in out.values())
+    dt = time.time() - t0
+    run.console.print(f"tokenize+write: {ntok:,} tokens in {dt:.1f}s ({ntok / max(dt, 1e-9):,.0f} tokens/s)")
+    return path
+
+
+# ---- entry ----------------------------------------------------------------------------------------
+
+
+def prepare_data(data_cfg, console=None) -> PreparedData:
+    """Run (or reuse from ``data_cfg.cache_dir``) every stage up to the shards; rank 0 calls it first.
+
+    Raises DataConfigError for bad input before any work starts (and for a source left empty by
+    a filter, when that stage runs).
+    """
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    cfg = to_config(data_cfg)
+    eff = validate(cfg)
+    keys = _keys(cfg, eff)
+    run = _Run(cfg, eff, console)
+    shard_path = cache.stage_dir(run.root, "shards", keys["shards"])
+    hit = cache.is_done(shard_path)
+    t0 = time.time()
+    if hit:
+        console.print(f"data [bold]{cfg.name}[/bold]: reusing prepared shards {shard_path}")
+    else:
+        console.print(f"data [bold]{cfg.name}[/bold]: preparing {len(cfg.sources)} sources into {run.root}")
+        files = _stage_clean(run, keys)
+        for stage, fn in (("quality", _stage_quality), ("dedup", _stage_dedup), ("decontam", _stage_decontam)):
+            if cache.is_done(cache.stage_dir(run.root, stage, keys[stage])):
+                files = run.docs_files(stage, keys[stage])
+                console.print(f"{stage}: reusing cached output")
+            else:
+                files = fn(run, keys, files)
+        tok_file = _stage_tokenizer(run, keys, files)
+        _stage_shards(run, keys, files, tok_file)
+        console.print(f"data prepared in {time.time() - t0:.1f}s")
+    return _prepared(cfg, run.root, keys, shard_path, console, hit)
+
+
+def _prepared(cfg: DataConfig, root: Path, keys, shard_path: Path, console, hit: bool) -> PreparedData:
+    m = cache.read_manifest(shard_path)
+    tok_dir = cache.stage_dir(root, "tokenizer", keys["tokenizer"])
+    tm = cache.read_manifest(tok_dir)
+    tokens = {n: s["tokens"] for n, s in m["sources"].items()}
+    report = mixture_report(cfg.sources, tokens, cfg.split, cfg.token_budget, cfg.max_epochs_warning)
+    print_report(console, report)
+    write_report(shard_path / "mixture_report.json", report)
+    weights = {r["source"]: r["weight"] for r in report["sources"]}
+    return PreparedData(
+        tokenizer_file=str(tok_dir / "tokenizer.json"),
+        vocab_size=tm["vocab_size"],
+        eod_id=tm["eod_id"],
+        sources=[(s.name, str(shard_path / s.name), weights[s.name]) for s in cfg.sources if weights[s.name] > 0],
+        shard_dir=str(shard_path),
+        tokens=tokens,
+        docs={n: s["docs"] for n, s in m["sources"].items()},
+        report=report,
+        stage_stats=m.get("stats", {}),
+        cache_hit=hit,
+    )

@@ -1,0 +1,45 @@
+"""Per-stage, per-source counts of documents and bytes kept and dropped, and their printing."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Dict, List, Sequence, Tuple
+
+Doc = Tuple[str, str]
+
+
+def nbytes(docs: Sequence[Doc]) -> int:
+    return sum(len(t.encode("utf-8")) for _, t in docs)
+
+
+def stage_stats(before: Sequence[Doc], after: Sequence[Doc], reasons: Counter | None = None) -> dict:
+    """Docs/bytes in and out; ``reasons`` counts why documents (or parts) were dropped or changed."""
+    b_in, b_out = nbytes(before), nbytes(after)
+    return {
+        "docs_in": len(before),
+        "docs_out": len(after),
+        "docs_dropped": len(before) - len(after),
+        "bytes_in": b_in,
+        "bytes_out": b_out,
+        "bytes_dropped": b_in - b_out,
+        "reasons": dict(reasons or {}),
+    }
+
+
+def print_stage_table(console, stage: str, stats: Dict[str, dict], note: str = "") -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{stage}{' (' + note + ')' if note else ''}", title_justify="left")
+    for col in ["source", "docs in", "docs out", "MB in", "MB out", "dropped / changed"]:
+        table.add_column(col, justify="left" if col in ("source", "dropped / changed") else "right")
+    for name, s in stats.items():
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["reasons"].items()) if v)
+        table.add_row(
+            name, f"{s['docs_in']:,}", f"{s['docs_out']:,}", f"{s['bytes_in'] / 1e6:.2f}",
+            f"{s['bytes_out'] / 1e6:.2f}", reasons or "-",
+        )
+    console.print(table)
+
+
+def docs_summary(docs_by_source: Dict[str, List[Doc]]) -> str:
+    return ", ".join(f"{n}: {len(d):,} docs" for n, d in docs_by_source.items())
