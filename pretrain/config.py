@@ -23,6 +23,8 @@ class ModelConfig:
     num_attention_heads: int = MISSING
     # None means one KV head per query head (MHA); 1 is MQA; anything between is GQA.
     num_kv_heads: Optional[int] = None
+    # None: hidden_size / num_attention_heads. GPT-3 XL uses 24 heads of 128 with d_model 2048.
+    head_dim: Optional[int] = None
     # None: 4 * hidden for GELU; LLaMA's 2/3 * 4h rounded up to ffn_multiple_of for SwiGLU.
     ffn_hidden_size: Optional[int] = None
     ffn_multiple_of: int = 256

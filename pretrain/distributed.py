@@ -43,17 +43,21 @@ def init_distributed(parallel: ParallelConfig) -> None:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=compat.dist_backend(), verbose=False)
+    if parallel_state.model_parallel_is_initialized():  # an earlier job in this process
+        parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline
     )
 
 
-def shutdown() -> None:
+def shutdown(keep_default_group: bool = False) -> None:
+    """Tear down the groups; ``keep_default_group`` leaves the world group for another job in this process."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        if not keep_default_group:
+            dist.destroy_process_group()
 
 
 def topology(parallel: ParallelConfig) -> PipeModelDataParallelTopology:

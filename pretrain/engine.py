@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.utils import clip_grad_norm_
 from megatron.core import parallel_state
 from torch import nn
 
@@ -79,6 +78,23 @@ def apply_sequence_parallel_grad_sync(model: nn.Module) -> None:
             p.register_hook(reduce)
 
 
+def global_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """L2 norm of the full model's gradient, from the parts this rank holds. Every rank calls it.
+
+    TP-split parameters count on every TP rank, replicated ones on TP rank 0 only, and pipeline
+    copies of tied weights (``ds_pipe_replicated``) once; squares are summed over TP x PP.
+    """
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    total = torch.zeros((), dtype=torch.float32, device=compat.device())
+    for p in params:
+        if getattr(p, "ds_pipe_replicated", False):
+            continue
+        if tp_rank == 0 or getattr(p, "tensor_model_parallel", False):
+            total += p.grad.detach().float().pow(2).sum()
+    dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
+    return total.sqrt()
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -98,18 +114,18 @@ class TrainEngine:
         )
         self._fp32_norm: Optional[float] = None
         if not (self.ds.zero_optimization() or self.ds.bfloat16_enabled()):
-            self._record_norm_when_clipping()
+            # Without ZeRO/bf16, DeepSpeed's own fp32 clipping discards the norm and counts the
+            # pipeline's tied-embedding copies twice; clip here instead (its ZeRO/bf16 optimizers
+            # get both right).
+            self.ds.clip_fp32_gradients = self._clip_fp32_gradients
 
-    def _record_norm_when_clipping(self) -> None:
-        # Without ZeRO/bf16 DeepSpeed clips fp32 gradients itself and drops the norm it computed.
-        engine = self.ds
-
-        def clip():
-            self._fp32_norm = float(
-                clip_grad_norm_(engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu)
-            )
-
-        engine.clip_fp32_gradients = clip
+    def _clip_fp32_gradients(self) -> None:
+        params = [p for p in self.ds.module.parameters() if p.grad is not None]
+        self._fp32_norm = float(global_grad_norm(params))
+        clip = self.ds.gradient_clipping()
+        if math.isfinite(clip) and self._fp32_norm > clip:
+            for p in params:
+                p.grad.mul_(clip / (self._fp32_norm + 1e-6))
 
     @property
     def device(self) -> torch.device:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
@@ -84,14 +82,15 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
 
-    def run(self) -> Optional[TrainState]:
+    def run(self, keep_process_group: bool = False) -> TrainState:
+        """Train on every launched rank. ``keep_process_group`` lets one process run several jobs."""
         cfg = self.cfg
         validate(cfg, distributed.world_size_from_env())
         distributed.init_distributed(cfg.parallel)
         try:
             return self._run()
         finally:
-            distributed.shutdown()
+            distributed.shutdown(keep_default_group=keep_process_group)
 
     def _setup(self):
         cfg = self.cfg

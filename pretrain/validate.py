@@ -34,7 +34,7 @@ def _get(cfg: DictConfig, dotted: str):
 
 def validate(cfg: DictConfig, world_size: int) -> None:
     """Raise ConfigError listing every problem. ``world_size`` is the number of launched processes."""
-    from pretrain.model.layers import ffn_hidden_size
+    from pretrain.model.layers import ffn_hidden_size, head_dim
 
     problems: list[str] = []
     m, par, tr, opt = cfg.model, cfg.parallel, cfg.trainer, cfg.optim
@@ -68,8 +68,8 @@ def validate(cfg: DictConfig, world_size: int) -> None:
 
     heads = m.num_attention_heads
     kv = m.num_kv_heads or heads
-    if m.hidden_size % heads:
-        problems.append(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={heads}")
+    if m.head_dim is None and m.hidden_size % heads:
+        problems.append(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads={heads}: set model.head_dim")
     if kv < 1 or heads % kv:
         problems.append(f"model.num_kv_heads={kv} must divide model.num_attention_heads={heads} (MHA: equal, MQA: 1)")
     if heads % tp:
@@ -88,8 +88,8 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         problems.append(
             f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={pp}: stages need equal block counts"
         )
-    if m.position_embedding == "rope" and (m.hidden_size // heads) % 2:
-        problems.append(f"rotary embeddings need an even head dim; model.hidden_size / heads = {m.hidden_size // heads}")
+    if m.position_embedding == "rope" and head_dim(m) % 2:
+        problems.append(f"rotary embeddings need an even head dim, got {head_dim(m)} (model.head_dim)")
     if tr.seq_length > m.max_position_embeddings:
         problems.append(
             f"trainer.seq_length={tr.seq_length} exceeds model.max_position_embeddings={m.max_position_embeddings}: "

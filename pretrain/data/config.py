@@ -60,8 +60,10 @@ class QualityConfig:
     seed: int = 1234
     n_features: int = 262144  # 2**18 hashed features
     ngram_max: int = 2
-    # Classifier training is capped to this many documents per class (sampled, seeded).
+    # Classifier training is capped to this many documents per class (sampled, seeded), and
+    # features come from each document's first max_chars characters.
     max_train_docs: int = 5000
+    max_chars: int = 4000
 
 
 @dataclass

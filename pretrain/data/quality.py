@@ -26,26 +26,29 @@ def _vectorizer(cfg: QualityConfig):
     )
 
 
-def _sample(texts: List[str], n: int, rng: np.random.Generator) -> List[str]:
-    if len(texts) <= n:
-        return texts
-    return [texts[i] for i in sorted(rng.choice(len(texts), n, replace=False))]
+def _head(texts, n: int) -> List[str]:
+    return [t[:n] for t in texts]
 
 
 def train_classifier(positives: Sequence[str], negatives: Sequence[str], cfg: QualityConfig):
     """Fit the classifier; returns a function texts -> P(curated) scores."""
+    vec = _vectorizer(cfg)
+    pos, neg = vec.transform(_head(positives, cfg.max_chars)), vec.transform(_head(negatives, cfg.max_chars))
+    clf = _fit(pos, neg, cfg, np.random.default_rng(cfg.seed))
+    return lambda texts: clf.predict_proba(vec.transform(_head(texts, cfg.max_chars)))[:, 1]
+
+
+def _fit(pos, neg, cfg: QualityConfig, rng: np.random.Generator):
+    """Logistic regression on at most max_train_docs sampled rows per class (sparse matrices)."""
+    import scipy.sparse as sp
     from sklearn.linear_model import LogisticRegression
 
-    rng = np.random.default_rng(cfg.seed)
-    pos = _sample(list(positives), cfg.max_train_docs, rng)
-    neg = _sample(list(negatives), cfg.max_train_docs, rng)
-    if not pos or not neg:
+    if pos.shape[0] == 0 or neg.shape[0] == 0:
         raise ValueError("the quality classifier needs curated (positive) and raw (negative) documents")
-    vec = _vectorizer(cfg)
-    x = vec.transform(pos + neg)
-    y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
-    clf = LogisticRegression(max_iter=1000, class_weight="balanced").fit(x, y)
-    return lambda texts: clf.predict_proba(vec.transform(list(texts)))[:, 1]
+    pick = lambda m: m[np.sort(rng.choice(m.shape[0], min(m.shape[0], cfg.max_train_docs), replace=False))]
+    pos, neg = pick(pos), pick(neg)
+    y = np.r_[np.ones(pos.shape[0]), np.zeros(neg.shape[0])]
+    return LogisticRegression(solver="liblinear", class_weight="balanced").fit(sp.vstack([pos, neg]), y)
 
 
 def pareto_keep(scores: np.ndarray, alpha: float, rng: np.random.Generator) -> np.ndarray:
@@ -62,21 +65,23 @@ def quality_filter(
     by a classifier trained on the curated documents and the other fold, so no document is
     scored by a model that saw it as a negative.
     """
-    positives = [t for docs in curated.values() for _, t in docs]
-    raw = [t for docs in to_filter.values() for _, t in docs]
-    fold = np.random.default_rng(cfg.seed).permutation(len(raw)) % 2
-    scores = np.zeros(len(raw))
+    vec = _vectorizer(cfg)
+    pos = vec.transform(_head((t for docs in curated.values() for _, t in docs), cfg.max_chars))
+    raw = vec.transform(_head((t for docs in to_filter.values() for _, t in docs), cfg.max_chars))
+    rng = np.random.default_rng(cfg.seed)
+    fold = rng.permutation(raw.shape[0]) % 2
+    scores = np.zeros(raw.shape[0])
     for k in (0, 1):
-        train = [t for t, f in zip(raw, fold) if f != k] or raw
         test = np.flatnonzero(fold == k)
+        train = np.flatnonzero(fold != k)
         if len(test):
-            scores[test] = train_classifier(positives, train, cfg)([raw[i] for i in test])
+            clf = _fit(pos, raw[train if len(train) else test], cfg, rng)
+            scores[test] = clf.predict_proba(raw[test])[:, 1]
     out, counts, start = {}, {}, 0
     for name, docs in to_filter.items():
         s = scores[start : start + len(docs)]
         start += len(docs)
-        rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
-        keep = pareto_keep(s, cfg.alpha, rng)
+        keep = pareto_keep(s, cfg.alpha, np.random.default_rng([cfg.seed, zlib.crc32(name.encode())]))
         out[name] = [d for d, k in zip(docs, keep) if k]
         counts[name] = Counter(low_quality=int((~keep).sum()))
         counts[name]["mean_score_x1000"] = int(1000 * float(np.mean(s))) if len(s) else 0

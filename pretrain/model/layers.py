@@ -91,7 +91,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, layer_index: int):
         super().__init__()
         tp = mp.tensor_model_parallel_size
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = head_dim(cfg)
         kv_heads = cfg.num_kv_heads or cfg.num_attention_heads
         self.kv_heads = kv_heads // tp  # per rank
         self.group = cfg.num_attention_heads // kv_heads
@@ -135,6 +135,10 @@ class Attention(nn.Module):
         out = out.permute(2, 0, 1, 3).reshape(s, b, -1)  # (s, b, heads * d)
         out, _ = self.proj(out)
         return out
+
+
+def head_dim(cfg: ModelConfig) -> int:
+    return cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
 
 
 def ffn_hidden_size(cfg: ModelConfig) -> int:

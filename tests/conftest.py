@@ -1,0 +1,59 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small, fast jobs: no plots, no progress bars, nothing downloaded.
+FAST = [
+    "trainer.progress_bar=false",
+    "logging.plot=false",
+    "trainer.eval_interval=0",
+    "checkpoint.save_final=false",
+]
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["DS_ACCELERATOR"] = "cpu"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_jobs(nproc: int, jobs: dict, workdir: Path, timeout: int = 900) -> dict:
+    """Run jobs {name: overrides} in one torchrun launch of nproc processes; {name: metrics records}."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    jobs_file = workdir / "jobs.json"
+    jobs_file.write_text(json.dumps(jobs))
+    out = workdir / "results.json"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        str(REPO / "tests" / "parity_worker.py"), str(out), str(jobs_file), str(workdir),
+    ]
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout, cwd=workdir)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(out.read_text())
+
+
+def run_train(args: list, cwd: Path, nproc: int = 1, timeout: int = 900, check: bool = True):
+    """`python -m pretrain.train ARGS` (under torchrun when nproc > 1)."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "pretrain.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "pretrain.train", *args]
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("runs")
