@@ -1,0 +1,55 @@
+from pretrain.data.clean import clean_document, clean_documents
+from pretrain.data.config import CleanConfig
+
+GOOD = "The river ran quietly past the old mill. " * 6
+
+
+def test_keeps_clean_prose():
+    text, why = clean_document(GOOD.strip(), CleanConfig())
+    assert text == GOOD.strip() and not why
+
+
+def test_min_chars_gpt3():
+    cfg = CleanConfig(c4_page=False, c4_lines=False)
+    assert clean_document("x" * 199, cfg)[0] is None
+    assert clean_document("x" * 200, cfg)[0] == "x" * 200
+
+
+def test_c4_lines_dropped_without_punctuation_or_with_few_words():
+    text = GOOD + "\nMenu Home About\nShort one.\nA line without an end\n" + GOOD
+    out, why = clean_document(text, CleanConfig(dedup_sentence_spans=False))
+    assert "Menu" not in out and "Short one." not in out and "without an end" not in out
+    assert why["lines_dropped"] == 3
+
+
+def test_c4_page_rules():
+    cfg = CleanConfig()
+    assert clean_document(GOOD + " Lorem ipsum dolor sit amet.", cfg)[1]["lorem_ipsum"] == 1
+    assert clean_document(GOOD + " if (x) { y(); }.", cfg)[1]["curly_brace"] == 1
+    assert clean_document("One two three. Four five six. " + "x" * 300 + ".", cfg)[1]["few_sentences"] == 1
+    out, why = clean_document(GOOD + "\nPlease enable Javascript in your browser now.\n" + GOOD, CleanConfig(dedup_sentence_spans=False))
+    assert "Javascript" not in out and why["lines_javascript"] == 1
+
+
+def test_repeated_three_sentence_span_removed_within_source():
+    para = "Alpha beta gamma. Delta epsilon zeta. Eta theta iota. Kappa lambda mu."
+    docs = [("1", GOOD + "\n" + para), ("2", GOOD.replace("river", "brook") + "\n" + para)]
+    out, why = clean_documents(docs, CleanConfig())
+    assert para in out[0][1] and para not in out[1][1]
+    assert why["lines_repeated_span"] == 1
+
+
+def test_unicode_normalised_and_invalid_utf8():
+    cfg = CleanConfig()
+    decomposed = GOOD + " Cafe\u0301 is open."
+    out, why = clean_document(decomposed, cfg)
+    assert "Caf\u00e9" in out and why["unicode_normalized"] == 1
+    out, why = clean_document(GOOD + " A bad byte \ufffd here.", CleanConfig(max_invalid_utf8_fraction=0.01))
+    assert out is not None and why["utf8_repaired"] == 1
+    assert clean_document("\ufffd" * 50 + GOOD, cfg)[1]["invalid_utf8"] == 1
+
+
+def test_code_profile_keeps_code():
+    code = "def f(x):\n    return {x: x}\n\n" * 20
+    cfg = CleanConfig(c4_lines=False, c4_page=False, dedup_sentence_spans=False)
+    assert clean_document(code, cfg)[0] == code

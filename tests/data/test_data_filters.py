@@ -1,0 +1,117 @@
+"""Quality filter, deduplication and decontamination on small hand-made cases."""
+
+import random
+
+import numpy as np
+
+from pretrain.data.config import DecontamConfig, DedupConfig, QualityConfig
+from pretrain.data.decontam import decontaminate, decontaminate_document, ngrams_of
+from pretrain.data.dedup import deduplicate, jaccard
+from pretrain.data.quality import pareto_keep, quality_filter
+
+from data_synth import WORDS, make_doc
+
+# ---- quality ---------------------------------------------------------------------------------------
+
+
+def test_pareto_rule_matches_gpt3():
+    rng = np.random.default_rng(0)
+    n = 200_000
+    for score in (0.0, 0.5, 0.9, 1.0):
+        kept = pareto_keep(np.full(n, score), 9.0, rng).mean()
+        # P(pareto(a) > t) = (1 + t) ** -a, here t = 1 - score
+        assert abs(kept - (2.0 - score) ** -9.0) < 0.01
+
+
+def test_quality_filter_prefers_curated_like_documents():
+    rng = random.Random(1)
+    # A crawl is mostly junk with some curated-like pages: those are the ones the rule keeps.
+    curated = {"books": [(str(i), make_doc(i, rng)) for i in range(300)]}
+    good = [(f"g{i}", make_doc(1000 + i, rng)) for i in range(60)]
+    junk = [(f"j{i}", " ".join(f"click{rng.randint(0, 50)} buy now best deal {rng.random():.3f}" for _ in range(20))) for i in range(140)]
+    cfg = QualityConfig(seed=3)
+    kept, counts = quality_filter(curated, {"crawl": good + junk}, cfg)
+    ids = {d for d, _ in kept["crawl"]}
+    good_kept = sum(d.startswith("g") for d in ids)
+    junk_kept = sum(d.startswith("j") for d in ids)
+    assert good_kept >= 8 and junk_kept <= 2, (good_kept, junk_kept)  # expected ~20 and ~0
+    assert counts["crawl"]["low_quality"] == 200 - len(ids)
+    again, _ = quality_filter(curated, {"crawl": good + junk}, cfg)
+    assert again == kept  # seeded
+
+
+# ---- dedup -----------------------------------------------------------------------------------------
+
+
+def _variant(text: str, n_changes: int, seed: int) -> str:
+    rng = random.Random(seed)
+    words = text.split()
+    for i in rng.sample(range(len(words)), n_changes):
+        words[i] = f"changed{i}"
+    return " ".join(words)
+
+
+def test_near_duplicates_above_threshold_removed_below_kept():
+    rng = random.Random(2)
+    base = " ".join(rng.choice(WORDS) + str(rng.randint(0, 99)) for _ in range(400))
+    near = _variant(base, 2, 0)  # a couple of edits: Jaccard ~0.95
+    far = _variant(base, 60, 1)  # many edits: Jaccard well below 0.8
+    cfg = DedupConfig(threshold=0.8)
+    assert jaccard(base, near, cfg.shingle_words) > 0.9
+    assert jaccard(base, far, cfg.shingle_words) < 0.6
+    kept, counts = deduplicate({"s": [("base", base), ("near", near), ("far", far)]}, cfg)
+    assert [d for d, _ in kept["s"]] == ["base", "far"]
+    assert counts["s"]["near_duplicate"] == 1
+
+
+def test_exact_duplicates_and_across_sources_curated_first():
+    rng = random.Random(3)
+    a, b = make_doc(1, rng), make_doc(2, rng)
+    docs = {"curated": [("a", a)], "raw": [("a-copy", "  " + a.upper() + " "), ("b", b)]}
+    kept, counts = deduplicate(docs, DedupConfig())
+    assert [d for d, _ in kept["raw"]] == ["b"] and counts["raw"]["exact_duplicate"] == 1
+    kept, _ = deduplicate(docs, DedupConfig(across_sources=False))
+    assert len(kept["raw"]) == 2
+
+
+# ---- decontamination -------------------------------------------------------------------------------
+
+EVAL = "the quick brown fox jumps over the lazy dog while seven wizards quietly box the jumping frogs"
+
+
+def _filler(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def test_planted_13gram_is_cut_with_its_window():
+    grams = ngrams_of(EVAL, 13)
+    left, right = _filler(150, 1), _filler(150, 2)
+    planted = "The Quick, brown fox jumps over the lazy dog while seven wizards quietly box"  # 13 words
+    doc = f"{left} {planted} {right}"
+    pieces, cuts = decontaminate_document(doc, grams, DecontamConfig())
+    assert cuts == 1 and len(pieces) == 2
+    start, end = doc.index(planted), doc.index(planted) + len(planted)
+    assert pieces[0] == doc[: start - 200].strip()
+    assert pieces[1] == doc[end + 200 :].strip()
+    assert "wizards" not in " ".join(pieces)
+
+
+def test_document_with_11_hits_dropped_10_kept():
+    grams = ngrams_of(EVAL, 13)
+    hit = "quick brown fox jumps over the lazy dog while seven wizards quietly box"
+    def doc_with(k):
+        return " ".join(f"{_filler(80, i)} {hit}" for i in range(k)) + " " + _filler(80, 99)
+    pieces, cuts = decontaminate_document(doc_with(10), grams, DecontamConfig())
+    assert cuts == 10 and pieces
+    pieces, cuts = decontaminate_document(doc_with(11), grams, DecontamConfig())
+    assert cuts == 11 and pieces == []
+    out, c = decontaminate([("d", doc_with(11)), ("clean", _filler(100, 5))], grams, DecontamConfig())
+    assert [d for d, _ in out] == ["clean"] and c["dropped_docs"] == 1
+
+
+def test_short_fragments_dropped():
+    grams = ngrams_of(EVAL, 13)
+    doc = f"{_filler(10, 1)} {EVAL} {_filler(200, 2)}"
+    pieces, cuts = decontaminate_document(doc, grams, DecontamConfig())
+    assert cuts == 1 and len(pieces) == 1 and len(pieces[0]) >= 200
