@@ -1,0 +1,63 @@
+"""conf/data presets compose against the schema; the built-in corpus goes through the pipeline."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from rich.console import Console
+
+from pretrain.data import prepare_data
+from pretrain.data.corpus import BUILTINS, CorpusNotInstalled
+from pretrain.data.pipeline import to_config
+
+CONF = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def _compose(*overrides):
+    from pretrain.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("prepare", overrides=list(overrides)).data
+
+
+def _corpus_installed():
+    try:
+        for c in BUILTINS.values():
+            c.files()
+        return True
+    except CorpusNotInstalled:
+        return False
+
+
+needs_corpus = pytest.mark.skipif(not _corpus_installed(), reason="run pretrain/data/install_corpus.sh")
+
+
+@pytest.mark.parametrize("name", ["builtin", "tiny", "gpt3_mix"])
+def test_presets_compose(name):
+    cfg = to_config(_compose(f"data={name}", "data.root=/somewhere"))
+    assert cfg.name == name and cfg.sources
+
+
+def test_default_is_builtin_with_four_kinds():
+    cfg = to_config(_compose())
+    assert cfg.name == "builtin"
+    kinds = {BUILTINS[s.path.removeprefix("builtin:")].kind for s in cfg.sources}
+    assert {"books", "drama", "technical prose", "code"} <= kinds
+    assert cfg.stages.clean.enabled and cfg.stages.quality.enabled and cfg.stages.dedup.enabled
+    assert cfg.stages.decontam.enabled and cfg.eval_files and cfg.tokenizer.kind == "bpe"
+
+
+@needs_corpus
+def test_tiny_builtin_end_to_end(tmp_path):
+    cfg = _compose("data=tiny", f"data.cache_dir={tmp_path}", "data.progress=false")
+    p = prepare_data(cfg, console=Console(quiet=True))
+    assert {n for n, _, _ in p.sources} == {"austen", "shakespeare", "pydocs", "stdlib"}
+    assert p.vocab_size == 2048 and all(t > 10_000 for t in p.tokens.values())
+
+
+@pytest.mark.slow
+@needs_corpus
+def test_full_builtin(tmp_path):
+    p = prepare_data(_compose(f"data.cache_dir={tmp_path}"), console=Console(quiet=True))
+    assert p.vocab_size == 8192 and len(p.sources) == 6
