@@ -45,10 +45,14 @@ INTERPRETER_CONFIGS = {
 
 def _config(kind: str, dtype: torch.dtype, head_dim: int) -> dict:
     if _backend.interpreting():
-        return dict(INTERPRETER_CONFIGS[kind])
-    cfg = dict(CONFIGS[(kind, dtype in (torch.float16, torch.bfloat16))])
-    if head_dim == 128:
-        cfg["num_warps"] = 8  # 128-wide accumulators need the extra registers
+        cfg = dict(INTERPRETER_CONFIGS[kind])
+    else:
+        cfg = dict(CONFIGS[(kind, dtype in (torch.float16, torch.bfloat16))])
+        if head_dim == 128:
+            cfg["num_warps"] = 8  # 128-wide accumulators need the extra registers
+    outer, inner = ("BLOCK_N", "BLOCK_M") if kind == "dkdv" else ("BLOCK_M", "BLOCK_N")
+    if cfg[outer] % cfg[inner] or min(cfg["BLOCK_M"], cfg["BLOCK_N"]) < 16:
+        raise ValueError(f"attention {kind} tiles {cfg}: {outer} must be a multiple of {inner}, both >= 16")
     return cfg
 
 
@@ -347,10 +351,11 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
 
 def _flags(dtype: torch.dtype) -> dict:
     interp = _backend.interpreting()
-    if dtype == torch.float32 and not interp and torch.backends.cuda.matmul.allow_tf32:
-        prec = "tf32"  # follow torch's matmul policy for fp32 inputs
+    if dtype == torch.float32:
+        # fp32 follows torch's matmul policy: TF32 tensor cores unless torch was told otherwise.
+        prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 and not interp else "ieee"
     else:
-        prec = "ieee"
+        prec = "ieee" if dtype == torch.float64 else "tf32"  # ignored for 16-bit operands
     return dict(
         # The interpreter's bf16 arithmetic is wrong (bit patterns added as integers): compute in fp32.
         UPCAST=interp and dtype == torch.bfloat16,

@@ -101,8 +101,8 @@ def test_matches_sdpa_without_window():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape,window", [((2, 8, 2, 512, 64), None), ((1, 4, 1, 700, 128), 256),
-                                          ((2, 4, 4, 1000, 32), 100)])
+@pytest.mark.parametrize("shape,window", [((2, 4, 2, 512, 64), None), ((1, 2, 1, 700, 128), 256),
+                                          ((1, 2, 2, 1000, 32), 100)])
 def test_triton_long_sequences(use_backend, shape, window, dtype):
     _check_against_float64(use_backend, "triton", shape, window, dtype)
 
