@@ -371,6 +371,12 @@ def _window_arg(window: int, seq_len: int) -> int:
     return window if 0 < window < seq_len else seq_len  # seq_len: every causal key is in the window
 
 
+def _check_grid(batch_heads: int) -> None:
+    if batch_heads > 65535:  # CUDA's limit on the second grid axis
+        raise ValueError(f"causal_attention (Triton): batch * heads = {batch_heads} exceeds 65535; "
+                         "split the batch")
+
+
 def _s(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -387,6 +393,9 @@ def attention_forward(q, k, v, window: int, scale: float):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     lse = torch.empty((b, hq, s_len), dtype=lse_dtype, device=q.device)
+    if q.numel() == 0:
+        return out, lse
+    _check_grid(b * hq)
     cfg = _config("fwd", q.dtype, d)
     grid = (triton.cdiv(s_len, cfg["BLOCK_M"]), b * hq)
     _attn_fwd[grid](
@@ -401,6 +410,8 @@ def attention_backward(grad_out, q, k, v, out, lse, window: int, scale: float):
     b, hq, s_len, d = q.shape
     hkv = k.shape[1]
     grad_out, q, k, v, out = _unit_last_stride(grad_out, q, k, v, out)
+    if q.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     flags = _flags(q.dtype)
     w = _window_arg(window, s_len)
 

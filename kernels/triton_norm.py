@@ -78,6 +78,8 @@ def rms_norm_forward(x, weight, eps: float):
     m = x2.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     rstd = torch.empty((m,), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+    if m == 0:
+        return y.reshape(x.shape), rstd.reshape(x.shape[:-1])
     block_m, block_n, num_warps = _tiles(n)
     _rms_norm_fwd[(triton.cdiv(m, block_m),)](
         x2, weight, y, rstd, x2.stride(0), y.stride(0), m, n, eps,
@@ -95,6 +97,8 @@ def rms_norm_backward(grad_y, x, weight, rstd):
     if dy.stride(-1) != 1:
         dy = dy.contiguous()
     m = x2.shape[0]
+    if m == 0:
+        return torch.zeros_like(x), torch.zeros_like(weight)
     block_m, block_n, num_warps = _tiles(n)
     row_blocks = triton.cdiv(m, block_m)
     if x.is_cuda:

@@ -67,6 +67,10 @@ def rotary(q, k, cos, sin, transposed: bool = False):
     hkv = k.shape[1]
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if q.numel() == 0 and k.numel() == 0:
+        return q_out, k_out
+    if max(b, hq + hkv) > 65535:  # CUDA's limit on the second and third grid axes
+        raise ValueError(f"apply_rotary (Triton): batch {b} or heads {hq + hkv} exceed 65535")
     block_s = min(triton.next_power_of_2(s_len), max(16, 4096 // d))
     _rotary[(triton.cdiv(s_len, block_s), b, hq + hkv)](
         q, k, cos, sin, q_out, k_out, *_s(q), *_s(k), *_s(q_out), *_s(k_out),
