@@ -153,8 +153,8 @@ def ffn_hidden_size(cfg: ModelConfig) -> int:
 class MLP(nn.Module):
     """GELU or SwiGLU MLP; first projection column-parallel, second row-parallel.
 
-    For SwiGLU the first projection's rows interleave gate and up ([ffn, 2]), so TP chunks keep
-    matching pairs together.
+    For SwiGLU the first projection's full weight is [gate; up] and it is split with stride 2
+    (megatron-core's convention): each TP rank holds [gate_r; up_r], matching halves.
     """
 
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig):
@@ -165,6 +165,9 @@ class MLP(nn.Module):
             cfg.hidden_size, ffn * (2 if self.gated else 1), config=mp, init_method=_no_init,
             bias=cfg.bias, gather_output=False,
         )
+        if self.gated:
+            for p in self.fc1.parameters():
+                p.partition_stride = 2
         self.fc2 = tensor_parallel.RowParallelLinear(
             ffn, cfg.hidden_size, config=mp, init_method=_no_init, bias=cfg.bias,
             input_is_parallel=True, skip_bias_add=False,
@@ -174,8 +177,8 @@ class MLP(nn.Module):
     def forward(self, x):
         h, _ = self.fc1(x)
         if self.gated:
-            h = h.unflatten(-1, (-1, 2))
-            h = F.silu(h[..., 0]) * h[..., 1]
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
         else:
             h = F.gelu(h, approximate="tanh")
         out, _ = self.fc2(h)

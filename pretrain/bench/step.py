@@ -1,0 +1,139 @@
+"""Training-step throughput beside Hugging Face transformers, in one process, on the same batches.
+
+    python -m pretrain.bench.step [--steps N] [hydra overrides]
+    python -m pretrain.bench.step model=tiny-llama data.tokenizer.vocab_size=8192
+
+Builds the configured model twice: this framework's (megatron-core layers under the DeepSpeed
+engine, single process) and transformers' GPT2LMHeadModel or LlamaForCausalLM of identical shape.
+Steps alternate between the two (forward, backward, clip, AdamW) so machine noise hits both alike;
+prints the median tokens/s of each, their ratio, and achieved model FLOP/s against this machine's
+measured matmul FLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from pretrain import compat, distributed
+from pretrain.config import ModelConfig, register_configs
+from pretrain.engine import TrainEngine, deepspeed_config
+from pretrain.flops import measured_matmul_flops, model_flops_per_token
+from pretrain.model.gpt import build_model, padded_vocab_size
+from pretrain.model.init import apply_init
+from pretrain.model.layers import ffn_hidden_size, head_dim
+from pretrain.optim import build_optimizer
+from pretrain.synthetic import SyntheticDataset
+from pretrain.validate import grad_accum_steps, validate
+
+CONF = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def hf_model(cfg: ModelConfig, vocab: int) -> torch.nn.Module:
+    """transformers' model of the same shape; refuses knob combinations it has no class for."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    kv = cfg.num_kv_heads or cfg.num_attention_heads
+    if (cfg.norm, cfg.position_embedding, cfg.activation) == ("layernorm", "learned", "gelu") and kv == cfg.num_attention_heads:
+        return GPT2LMHeadModel(GPT2Config(
+            vocab_size=vocab, n_positions=cfg.max_position_embeddings, n_embd=cfg.hidden_size,
+            n_layer=cfg.num_layers, n_head=cfg.num_attention_heads, n_inner=ffn_hidden_size(cfg),
+            bos_token_id=None, eos_token_id=None, activation_function="gelu_new", resid_pdrop=cfg.hidden_dropout, embd_pdrop=cfg.hidden_dropout,
+            attn_pdrop=cfg.attention_dropout, layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+        ))
+    if (cfg.norm, cfg.position_embedding, cfg.activation) == ("rmsnorm", "rope", "swiglu"):
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab, hidden_size=cfg.hidden_size, intermediate_size=ffn_hidden_size(cfg),
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads, num_key_value_heads=kv,
+            head_dim=head_dim(cfg), max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.norm_eps,
+            tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.bias, mlp_bias=cfg.bias,
+            rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, bos_token_id=None, eos_token_id=None,
+        ))
+    raise SystemExit(
+        f"model {cfg.name}: norm={cfg.norm}, positions={cfg.position_embedding}, activation={cfg.activation} "
+        "matches neither GPT2LMHeadModel nor LlamaForCausalLM; pick a GPT-2- or LLaMA-style model"
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps of each model")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each model first")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides (model=..., trainer.seq_length=...)")
+    args = parser.parse_args(argv)
+    register_configs()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg: DictConfig = compose("config", overrides=["data=synthetic", *args.overrides])
+    validate(cfg, world_size=1)
+    tr = cfg.trainer
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = cfg.data.tokenizer.vocab_size
+    vocab = padded_vocab_size(cfg.model)
+
+    distributed.init_distributed(cfg.parallel)
+    torch.manual_seed(tr.seed)
+    compat.seed_model_parallel_rng(tr.seed)
+    model = build_model(cfg.model, cfg.parallel)
+    apply_init(model, cfg.model, tr.seed)
+    ours = TrainEngine(model, build_optimizer(model, cfg.optim), deepspeed_config(cfg.parallel, tr, cfg.optim, grad_accum_steps(cfg)), cfg.parallel)
+
+    theirs = hf_model(cfg.model, vocab).to(compat.device())
+    theirs.train()
+    opt = torch.optim.AdamW(theirs.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                            weight_decay=cfg.optim.weight_decay)
+
+    data = SyntheticDataset(cfg.model.vocab_size, tr.seq_length, tr.seed, 10**9)
+    per_step = tr.global_batch_size
+
+    def batch(step):
+        samples = [data[step * per_step + i] for i in range(per_step)]
+        tokens = torch.stack([s["tokens"] for s in samples]).to(compat.device())
+        labels = torch.stack([s["labels"] for s in samples]).to(compat.device())
+        return [(tokens[i:i + tr.micro_batch_size], labels[i:i + tr.micro_batch_size])
+                for i in range(0, per_step, tr.micro_batch_size)]
+
+    def hf_step(micro):
+        for tokens, labels in micro:
+            logits = theirs(input_ids=tokens).logits
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1)) / len(micro)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = {"pretrain": [], "transformers": []}
+    for step in range(args.warmup + args.steps):
+        micro = batch(step)
+        for name, fn in (("pretrain", ours.train_step), ("transformers", hf_step)):
+            start = time.perf_counter()
+            fn(micro)
+            if compat.cuda_available():
+                torch.cuda.synchronize()
+            if step >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+
+    tokens = per_step * tr.seq_length
+    rate = {name: tokens / statistics.median(t) for name, t in times.items()}
+    flops_per_token = model_flops_per_token(cfg.model, tr.seq_length, vocab)
+    peak = measured_matmul_flops(device=compat.device().type)
+    n_params = sum(p.numel() for p in theirs.parameters())
+    print(f"model {cfg.model.name} ({n_params / 1e6:.2f}M params), batch {per_step} x {tr.seq_length} tokens, "
+          f"{args.steps} timed steps each, interleaved, {tr.precision}")
+    print(f"{'':14}{'tokens/s':>12}{'model TFLOP/s':>16}{'of matmul peak':>16}")
+    for name in ("pretrain", "transformers"):
+        achieved = rate[name] * flops_per_token
+        print(f"{name:14}{rate[name]:12.0f}{achieved / 1e12:16.4f}{achieved / peak:16.1%}")
+    print(f"ratio pretrain / transformers: {rate['pretrain'] / rate['transformers']:.3f}")
+    print(f"measured matmul peak: {peak / 1e12:.4f} TFLOP/s; model FLOPs per token: {flops_per_token:,}")
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""The step benchmark runs and reports both frameworks side by side (no timing assertions)."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import child_env
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt", "tiny-llama"])
+def test_step_benchmark_prints_both_rates_and_their_ratio(model, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain.bench.step", "--steps", "2", "--warmup", "1", f"model={model}",
+         "trainer.seq_length=32", "trainer.micro_batch_size=2", "trainer.global_batch_size=2"],
+        env=child_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for name in ("pretrain", "transformers"):
+        assert re.search(rf"^{name}\s+\d+\s+[\d.]+\s+[\d.]+%", out, re.M), out
+    assert re.search(r"ratio pretrain / transformers: \d+\.\d+", out), out
+    assert "measured matmul peak" in out
+
+
+def test_flops_formula_matches_a_hand_count():
+    from hydra import compose, initialize_config_dir
+
+    from conftest import REPO
+    from pretrain.config import register_configs
+    from pretrain.flops import model_flops_per_token
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        gpt2 = compose("config", overrides=["model=gpt2-124m", "data=synthetic"]).model
+        llama = compose("config", overrides=["model=llama-7b", "data=synthetic"]).model
+    # GPT-2 124M: per layer 4h^2 (attention) + 8h^2 (MLP) = 12 * 768^2; LM head 50304 * 768.
+    n = 12 * 12 * 768**2 + 50304 * 768
+    assert model_flops_per_token(gpt2, 1024, 50304) == 6 * n + 12 * 12 * 768 * 1024
+    # LLaMA-7B: attention 4 h^2, SwiGLU 3 * h * 11008, head 32000 * h.
+    n = 32 * (4 * 4096**2 + 3 * 4096 * 11008) + 32000 * 4096
+    assert model_flops_per_token(llama, 2048, 32000) == 6 * n + 12 * 32 * 4096 * 2048
