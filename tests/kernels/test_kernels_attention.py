@@ -43,7 +43,7 @@ CASES = [
     ((1, 3, 1, 61, 128), None),
     ((2, 2, 1, 100, 64), 9),
     ((1, 4, 2, 45, 128), 20),
-    ((2, 1, 1, 33, 32), 1),
+    ((2, 1, 1, 33, 32), 2),
 ]
 
 
@@ -137,6 +137,18 @@ def test_gqa_gradients_have_kv_shape(use_backend):
     out, dq, dk, dv = _run(q, k, v, do, None)
     assert out.shape == q.shape and dq.shape == q.shape
     assert dk.shape == k.shape and dv.shape == v.shape
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_window_one_attends_to_itself(use_backend, backend):
+    """w = 1: out = v, dv = dO, and dq = dk = 0 up to rounding (the softmax has a single entry)."""
+    use_backend(backend)
+    q, k, v, do = _inputs(2, 2, 1, 33, 32, torch.float32)
+    out, dq, dk, dv = _run(q, k, v, do, 1)
+    assert torch.equal(out, v.expand_as(out))
+    assert rel_err(dv, do.sum(1, keepdim=True)) < 1e-6
+    scale = do.norm() * v.norm() / do.numel() ** 0.5
+    assert dq.norm() < 1e-6 * scale and dk.norm() < 1e-6 * scale
 
 
 def test_window_larger_than_sequence_is_full_causal(use_backend):
