@@ -8,6 +8,8 @@ imported lazily: they bind their kernels to the interpreter or the GPU compiler 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -22,6 +24,11 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _on(t: Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 # --------------------------------------------------------------------------------------------------
 # attention
 
@@ -31,7 +38,8 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float) -
     if _backend.use_triton(q):
         from . import triton_attention
 
-        return triton_attention.attention_forward(q, k, v, window, scale)
+        with _on(q):
+            return triton_attention.attention_forward(q, k, v, window, scale)
     out, lse = reference.attention_forward(q, k, v, window, scale)
     return out.contiguous(), lse.contiguous()
 
@@ -47,7 +55,8 @@ def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     if _backend.use_triton(q):
         from . import triton_attention
 
-        return triton_attention.attention_backward(grad_out, q, k, v, out, lse, window, scale)
+        with _on(q):
+            return triton_attention.attention_backward(grad_out, q, k, v, out, lse, window, scale)
     dq, dk, dv = reference.attention_backward(grad_out, q, k, v, out, lse, window, scale)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
@@ -132,7 +141,8 @@ def _rms_norm_fwd(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor
     if _backend.use_triton(x):
         from . import triton_norm
 
-        return triton_norm.rms_norm_forward(x, weight, eps)
+        with _on(x):
+            return triton_norm.rms_norm_forward(x, weight, eps)
     y, rstd = reference.rms_norm_forward(x, weight, eps)
     return y.contiguous(), rstd.contiguous()
 
@@ -147,7 +157,8 @@ def _rms_norm_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, rstd: Tensor) -> tu
     if _backend.use_triton(x):
         from . import triton_norm
 
-        return triton_norm.rms_norm_backward(grad_y, x, weight, rstd)
+        with _on(x):
+            return triton_norm.rms_norm_backward(grad_y, x, weight, rstd)
     dx, dw = reference.rms_norm_backward(grad_y, x, weight, rstd)
     return dx.contiguous(), dw.contiguous()
 
@@ -207,7 +218,8 @@ def _rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, transposed: bool) ->
     if _backend.use_triton(q):
         from . import triton_rotary
 
-        return triton_rotary.rotary(q, k, cos, sin, transposed)
+        with _on(q):
+            return triton_rotary.rotary(q, k, cos, sin, transposed)
     return (reference.rotary(q, cos, sin, transposed).contiguous(),
             reference.rotary(k, cos, sin, transposed).contiguous())
 
