@@ -13,7 +13,9 @@ import re
 import string
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, List, Sequence, Set, Tuple
+from typing import Iterable, List, Sequence, Tuple
+
+import numpy as np
 
 from pretrain.data.config import DecontamConfig
 
@@ -32,9 +34,27 @@ def _words_with_spans(text: str) -> Tuple[List[str], List[Tuple[int, int]]]:
     return words, spans
 
 
-def ngrams_of(text: str, n: int) -> Set[int]:
-    words, _ = _words_with_spans(text)
-    return {hash(tuple(words[i : i + n])) for i in range(len(words) - n + 1)}
+def _normalized_words(text: str) -> List[str]:
+    """The same words as _words_with_spans, without positions (fast path)."""
+    return text.lower().translate(_PUNCT).split()
+
+
+def _ngram_hashes(words: Sequence[str], n: int) -> np.ndarray:
+    """A 64-bit polynomial hash of every n-gram of ``words`` (vectorised)."""
+    if len(words) < n:
+        return np.zeros(0, dtype=np.uint64)
+    h = np.fromiter((hash(w) for w in words), dtype=np.int64, count=len(words)).view(np.uint64)
+    m = len(words) - n + 1
+    g = np.zeros(m, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(n):
+            g = g * np.uint64(1_000_003) + h[k : k + m]
+    return g
+
+
+def ngrams_of(text: str, n: int) -> np.ndarray:
+    """Sorted unique n-gram hashes of a text (words lower-cased, punctuation removed)."""
+    return np.unique(_ngram_hashes(_normalized_words(text), n))
 
 
 def read_eval_texts(paths: Sequence[str]) -> Iterable[str]:
@@ -49,26 +69,35 @@ def read_eval_texts(paths: Sequence[str]) -> Iterable[str]:
             yield p.read_text(encoding="utf-8", errors="replace")
 
 
-def build_eval_ngrams(paths: Sequence[str], n: int) -> Set[int]:
-    grams: Set[int] = set()
-    for text in read_eval_texts(paths):
-        grams |= ngrams_of(text, n)
-    return grams
+def build_eval_ngrams(paths: Sequence[str], n: int) -> np.ndarray:
+    parts = [ngrams_of(text, n) for text in read_eval_texts(paths)]
+    return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
 
 
-def decontaminate_document(text: str, eval_ngrams: Set[int], cfg: DecontamConfig) -> Tuple[List[str], int]:
-    """Return (clean fragments, number of cuts); an empty list means the document is dropped."""
-    words, spans = _words_with_spans(text)
+def _hits(grams: np.ndarray, eval_ngrams: np.ndarray) -> np.ndarray:
+    if not len(grams) or not len(eval_ngrams):
+        return np.zeros(len(grams), dtype=bool)
+    pos = np.searchsorted(eval_ngrams, grams).clip(max=len(eval_ngrams) - 1)
+    return eval_ngrams[pos] == grams
+
+
+def decontaminate_document(text: str, eval_ngrams: np.ndarray, cfg: DecontamConfig) -> Tuple[List[str], int]:
+    """Return (clean fragments, number of cuts); an empty list means the document is dropped.
+
+    ``eval_ngrams``: sorted n-gram hashes from build_eval_ngrams / ngrams_of.
+    """
     n = cfg.ngram
+    if not _hits(_ngram_hashes(_normalized_words(text), n), eval_ngrams).any():
+        return [text], 0
+    words, spans = _words_with_spans(text)
     cuts: List[List[int]] = []
-    for i in range(len(words) - n + 1):
-        if hash(tuple(words[i : i + n])) in eval_ngrams:
-            start = max(0, spans[i][0] - cfg.window_chars)
-            end = min(len(text), spans[i + n - 1][1] + cfg.window_chars)
-            if cuts and start <= cuts[-1][1]:
-                cuts[-1][1] = max(cuts[-1][1], end)
-            else:
-                cuts.append([start, end])
+    for i in np.flatnonzero(_hits(_ngram_hashes(words, n), eval_ngrams)):
+        start = max(0, spans[i][0] - cfg.window_chars)
+        end = min(len(text), spans[i + n - 1][1] + cfg.window_chars)
+        if cuts and start <= cuts[-1][1]:
+            cuts[-1][1] = max(cuts[-1][1], end)
+        else:
+            cuts.append([start, end])
     if not cuts:
         return [text], 0
     if len(cuts) > cfg.max_splits:
@@ -81,7 +110,7 @@ def decontaminate_document(text: str, eval_ngrams: Set[int], cfg: DecontamConfig
     return [p.strip() for p in pieces if len(p.strip()) >= cfg.min_fragment_chars], len(cuts)
 
 
-def decontaminate(docs: Iterable[Doc], eval_ngrams: Set[int], cfg: DecontamConfig) -> Tuple[List[Doc], Counter]:
+def decontaminate(docs: Iterable[Doc], eval_ngrams: np.ndarray, cfg: DecontamConfig) -> Tuple[List[Doc], Counter]:
     out, c = [], Counter()
     for doc_id, text in docs:
         pieces, ncuts = decontaminate_document(text, eval_ngrams, cfg)

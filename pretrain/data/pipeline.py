@@ -160,7 +160,9 @@ def _load(files: Dict[str, Path]) -> Docs:
     return {n: cache.read_docs(p) for n, p in files.items()}
 
 
-def _save_stage(run: _Run, stage: str, key: str, docs: Docs, changed: set, upstream: Dict[str, Path], stats: dict) -> Dict[str, Path]:
+def _save_stage(
+    run: _Run, stage: str, key: str, docs: Docs, changed: set, upstream: Dict[str, Path], stats: dict, t0: float
+) -> Dict[str, Path]:
     """Write changed sources' documents; unchanged ones keep pointing at the upstream file."""
     path = cache.stage_dir(run.root, stage, key)
     with cache.building(path) as (tmp, manifest):
@@ -173,7 +175,7 @@ def _save_stage(run: _Run, stage: str, key: str, docs: Docs, changed: set, upstr
                 rel[n] = str(upstream[n].relative_to(run.root))
         manifest.update(docs=rel, stats=stats)
     run.stats[stage] = stats
-    print_stage_table(run.console, stage, stats)
+    print_stage_table(run.console, stage, stats, note=f"{time.time() - t0:.1f}s")
     return {n: run.root / r for n, r in rel.items()}
 
 
@@ -183,7 +185,7 @@ def _save_stage(run: _Run, stage: str, key: str, docs: Docs, changed: set, upstr
 def _stage_clean(run: _Run, keys) -> Dict[str, Path]:
     from pretrain.data.clean import clean_documents
 
-    files, stats = {}, {}
+    files, stats, t0 = {}, {}, time.time()
     for s in run.cfg.sources:
         path = cache.stage_dir(run.root, "clean", keys["clean"][s.name])
         if cache.is_done(path):
@@ -202,7 +204,7 @@ def _stage_clean(run: _Run, keys) -> Dict[str, Path]:
                 manifest["stats"] = stats[s.name] = stage_stats(raw, kept, why)
         files[s.name] = path / "docs.jsonl"
     run.stats["clean"] = stats
-    print_stage_table(run.console, "clean", stats)
+    print_stage_table(run.console, "read + clean", stats, note=f"{time.time() - t0:.1f}s")
     return files
 
 
@@ -213,14 +215,13 @@ def _stage_quality(run: _Run, keys, upstream: Dict[str, Path]) -> Dict[str, Path
     targets = [s.name for s in run.cfg.sources if cfgs[s.name].enabled and not s.curated]
     if not targets:
         return upstream
+    t0 = time.time()
     docs = _load(upstream)
     curated = {s.name: docs[s.name] for s in run.cfg.sources if s.curated}
-    t0 = time.time()
     kept, why = quality_filter(curated, {n: docs[n] for n in targets}, cfgs[targets[0]])
     run.check_nonempty("quality", kept)
     stats = {n: stage_stats(docs[n], kept[n], why[n]) for n in targets}
-    run.console.print(f"quality classifier trained and applied in {time.time() - t0:.1f}s")
-    return _save_stage(run, "quality", keys["quality"], {**docs, **kept}, set(targets), upstream, stats)
+    return _save_stage(run, "quality", keys["quality"], {**docs, **kept}, set(targets), upstream, stats, t0)
 
 
 def _stage_dedup(run: _Run, keys, upstream: Dict[str, Path]) -> Dict[str, Path]:
@@ -230,13 +231,14 @@ def _stage_dedup(run: _Run, keys, upstream: Dict[str, Path]) -> Dict[str, Path]:
     targets = [s for s in run.cfg.sources if run.eff[s.name].dedup.enabled]
     if not cfg.enabled or not targets:
         return upstream
+    t0 = time.time()
     docs = _load(upstream)
     order = [s.name for s in sorted(targets, key=lambda s: not s.curated)]  # curated first
     with run.bar(sum(len(docs[n]) for n in order), "dedup") as bar:
         kept, why = deduplicate({n: docs[n] for n in order}, cfg, progress=bar.update)
     run.check_nonempty("dedup", kept)
     stats = {n: stage_stats(docs[n], kept[n], why[n]) for n in order}
-    return _save_stage(run, "dedup", keys["dedup"], {**docs, **kept}, set(order), upstream, stats)
+    return _save_stage(run, "dedup", keys["dedup"], {**docs, **kept}, set(order), upstream, stats, t0)
 
 
 def _stage_decontam(run: _Run, keys, upstream: Dict[str, Path]) -> Dict[str, Path]:
@@ -245,6 +247,7 @@ def _stage_decontam(run: _Run, keys, upstream: Dict[str, Path]) -> Dict[str, Pat
     targets = [s.name for s in run.cfg.sources if run.eff[s.name].decontam.enabled]
     if not targets or not run.cfg.eval_files:
         return upstream
+    t0 = time.time()
     docs = _load(upstream)
     kept, stats = {}, {}
     grams_by_n = {}
@@ -255,7 +258,7 @@ def _stage_decontam(run: _Run, keys, upstream: Dict[str, Path]) -> Dict[str, Pat
         kept[n], why = decontaminate(docs[n], grams_by_n[c.ngram], c)
         stats[n] = stage_stats(docs[n], kept[n], why)
     run.check_nonempty("decontam", kept)
-    return _save_stage(run, "decontam", keys["decontam"], {**docs, **kept}, set(targets), upstream, stats)
+    return _save_stage(run, "decontam", keys["decontam"], {**docs, **kept}, set(targets), upstream, stats, t0)
 
 
 def _stage_tokenizer(run: _Run, keys, upstream: Dict[str, Path]) -> Path:

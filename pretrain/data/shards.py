@@ -68,12 +68,13 @@ def write_shards(
     vocab_size: int,
     out_dir: Path,
     num_workers: Optional[int] = None,
-    chunk_chars: int = 2_000_000,
+    chunk_chars: Optional[int] = None,
     on_chunk: Optional[Callable[[int], None]] = None,
 ) -> Dict[str, dict]:
     """Write ``out_dir/<source>.bin/.idx``; returns {source: {prefix, docs, tokens}}.
 
-    ``on_chunk(chars)`` is called as chunks finish (progress). Workers are forked, so the
+    ``on_chunk(chars)`` is called as chunks finish (progress); ``num_workers`` None uses every
+    core this process may run on. Workers are forked, so the
     caller's imports (megatron-core, tokenizers) are not paid again.
     """
     import warnings
@@ -83,6 +84,10 @@ def write_shards(
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     dtype_name = np.dtype(token_dtype(vocab_size)).name
+    workers = max(1, num_workers or len(os.sched_getaffinity(0)))
+    if chunk_chars is None:  # ~16 chunks per worker keeps them all busy to the end
+        total = sum(len(t) for texts in texts_by_source.values() for t in texts)
+        chunk_chars = int(min(max(total / (16 * workers), 100_000), 4_000_000))
     parts_dir = out_dir / "_parts"
     parts_dir.mkdir(parents=True, exist_ok=True)
     tasks, parts = [], {}
@@ -95,7 +100,7 @@ def write_shards(
     # Big chunks first keeps both workers busy until the end.
     tasks.sort(key=lambda t: -sum(len(x) for x in t[1]))
 
-    workers = max(1, min(num_workers or os.cpu_count() or 1, len(tasks)))
+    workers = min(workers, len(tasks))
     counts = {}
     if workers == 1:
         _init_worker(tokenizer_file, eod, single_thread=False)
@@ -105,7 +110,18 @@ def write_shards(
             on_chunk and on_chunk(nchars)
     else:
         ctx = mp.get_context("fork")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_file, eod, True)) as pool:
+        # Set while forking so tokenizers does not warn that it disables its threads in the
+        # children (it must: one thread per worker process).
+        saved = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_file, eod, True))
+        finally:
+            if saved is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = saved
+        with pool:
             for prefix, ndocs, ntok, nchars in pool.imap_unordered(_encode_and_write, tasks):
                 counts[prefix] = (ndocs, ntok)
                 on_chunk and on_chunk(nchars)
