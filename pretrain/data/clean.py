@@ -32,6 +32,10 @@ def split_sentences(text: str) -> List[str]:
     return [s for s in _SENTENCE_END.split(text.strip()) if s.strip()]
 
 
+def _has_two_ends(line: str) -> bool:
+    return len(_SENTENCE_END.findall(line)) >= 2
+
+
 def _span_hashes(sentences: List[str]) -> List[bytes]:
     norm = [" ".join(s.lower().split()) for s in sentences]
     return [hashlib.blake2b("\n".join(norm[i : i + 3]).encode(), digest_size=8).digest() for i in range(len(norm) - 2)]
@@ -77,7 +81,8 @@ def clean_document(text: str, cfg: CleanConfig, seen_spans: Optional[Set[bytes]]
                 if _JS.search(s):
                     why["lines_javascript"] += 1
                     continue
-            if cfg.dedup_sentence_spans and seen_spans is not None:
+            # Three sentences need at least two sentence ends inside the line: most lines have not.
+            if cfg.dedup_sentence_spans and seen_spans is not None and _has_two_ends(s):
                 spans = _span_hashes(split_sentences(s))
                 if any(h in seen_spans for h in spans):
                     why["lines_repeated_span"] += 1

