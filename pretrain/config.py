@@ -125,6 +125,9 @@ class CheckpointConfig:
 class LoggingConfig:
     interval: int = 1
     plot: bool = True
+    # Log this DP replica's own (pre-reduction) gradient norm from DP rank 0 as grad_norm_local:
+    # the small-batch measurement behind the gradient noise scale.
+    local_grad_norm: bool = False
     wandb: bool = False
     wandb_project: str = "pretrain"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import deepspeed
@@ -78,40 +79,118 @@ def apply_sequence_parallel_grad_sync(model: nn.Module) -> None:
             p.register_hook(reduce)
 
 
-def global_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
-    """L2 norm of the full model's gradient, from the parts this rank holds. Every rank calls it.
+def counts_once(p: nn.Parameter) -> bool:
+    """Whether this rank's copy of p counts in a full-model norm: TP-split parameters on every TP
+    rank, replicated ones on TP rank 0 only, pipeline copies of tied weights on their owner only."""
+    if getattr(p, "ds_pipe_replicated", False):
+        return False
+    return parallel_state.get_tensor_model_parallel_rank() == 0 or getattr(p, "tensor_model_parallel", False)
 
-    TP-split parameters count on every TP rank, replicated ones on TP rank 0 only, and pipeline
-    copies of tied weights (``ds_pipe_replicated``) once; squares are summed over TP x PP.
-    """
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+
+def model_parallel_sq_sum(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares of the given gradient pieces over TP x PP. Every rank of the group calls it."""
     total = torch.zeros((), dtype=torch.float32, device=compat.device())
-    for p in params:
-        if getattr(p, "ds_pipe_replicated", False):
-            continue
-        if tp_rank == 0 or getattr(p, "tensor_model_parallel", False):
-            total += p.grad.detach().float().pow(2).sum()
+    for g in grads:
+        total += g.detach().float().pow(2).sum()
     dist.all_reduce(total, group=parallel_state.get_model_parallel_group())
-    return total.sqrt()
+    return total
+
+
+def global_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """L2 norm of the full model's gradient, from the parts this rank holds. Every rank calls it."""
+    return model_parallel_sq_sum([p.grad for p in params if counts_once(p)]).sqrt()
+
+
+class LocalGradTap:
+    """This DP rank's own gradient for the step, read before the data-parallel reduction.
+
+    Reports its squared L2 norm over the whole model (summed over TP and PP), at the same weights
+    as the global gradient: the small-batch half of the gradient-noise-scale estimate.
+
+    - pp == 1: a tensor hook on each parameter receives every micro-step's incoming gradient
+      before it is accumulated, so before DeepSpeed's accumulation hooks (which reduce, and at
+      ZeRO-2 move the gradient out every micro-step). The micro-step gradients are summed in an
+      fp32 buffer here, identically at every ZeRO stage and precision (one fp32 copy of this
+      rank's gradients, only when enabled). Under sequence parallelism the TP all-reduce hook
+      was registered first, so the buffer holds whole gradients.
+    - pp > 1: the pipeline engine's ReduceGrads instruction is wrapped; when it runs, the
+      parameters hold the accumulated local gradients with tied copies already summed
+      (bf16: the fp32 ``_hp_grad``).
+    """
+
+    def __init__(self, model: nn.Module, pipeline: bool):
+        self.pipeline = pipeline
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self._buffers: dict[nn.Parameter, torch.Tensor] = {}
+        self.value: Optional[float] = None
+        if not pipeline:
+            for p in self.params:
+                p.register_hook(partial(self._accumulate, p))
+
+    def _accumulate(self, p: nn.Parameter, grad: torch.Tensor) -> None:
+        buf = self._buffers.get(p)
+        if buf is None:
+            self._buffers[p] = grad.detach().float().clone()
+        else:
+            buf.add_(grad.detach().float())
+
+    def wrap_pipeline(self, engine) -> None:
+        from deepspeed.runtime.pipe import schedule
+
+        # The engine dispatches through a class-level map; give this instance its own copy.
+        engine._INSTRUCTION_MAP = dict(engine._INSTRUCTION_MAP)
+        reduce_grads = engine._INSTRUCTION_MAP[schedule.ReduceGrads]
+
+        def read_then_reduce(eng, **kwargs):
+            grads = []
+            for p in self.params:
+                g = getattr(p, "_hp_grad", None)
+                g = p.grad if g is None else g
+                if g is not None and counts_once(p):
+                    grads.append(g)
+            self.value = float(model_parallel_sq_sum(grads))
+            return reduce_grads(eng, **kwargs)
+
+        engine._INSTRUCTION_MAP[schedule.ReduceGrads] = read_then_reduce
+
+    def start_step(self) -> None:
+        self._buffers.clear()
+        self.value = None
+
+    def finish_step(self) -> float:
+        """Squared norm of the step's local gradient (mean over this rank's micro-batches). Collective."""
+        if not self.pipeline:
+            # DeepSpeed scales each micro-step's loss by 1/accumulation already.
+            self.value = float(model_parallel_sq_sum([g for p, g in self._buffers.items() if counts_once(p)]))
+            self._buffers.clear()
+        return self.value
 
 
 @dataclass
 class StepResult:
     loss: float
-    grad_norm: float
+    grad_norm: float  # of the global (DP-averaged) gradient, before clipping
+    # Squared norm of this DP rank's own gradient before the DP reduction (LocalGradTap), if tapped.
+    local_grad_sq_norm: Optional[float] = None
 
 
 class TrainEngine:
     """One DeepSpeed engine (plain or pipeline) behind a small interface. All ranks call every method."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: dict, parallel: ParallelConfig):
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, config: dict, parallel: ParallelConfig,
+        tap_local_grads: bool = False,
+    ):
         self.pipeline = parallel.pipeline > 1
+        self.tap = LocalGradTap(model, self.pipeline) if tap_local_grads else None
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
             config=config,
             mpu=None if self.pipeline else MegatronMPU(),  # the pipeline module brings its own grid
         )
+        if self.tap is not None and self.pipeline:
+            self.tap.wrap_pipeline(self.ds)
         self._fp32_norm: Optional[float] = None
         if not (self.ds.zero_optimization() or self.ds.bfloat16_enabled()):
             # Without ZeRO/bf16, DeepSpeed's own fp32 clipping discards the norm and counts the
@@ -145,6 +224,8 @@ class TrainEngine:
     def train_step(self, micro_batches: list[Batch]) -> StepResult:
         """One optimizer step over this rank's micro-batches; loss averaged over micro-batches and DP."""
         self.ds.train()
+        if self.tap is not None:
+            self.tap.start_step()
         if self.pipeline:
             loss = self.ds.train_batch(iter(micro_batches))
         else:
@@ -159,7 +240,8 @@ class TrainEngine:
             loss /= parallel_state.get_data_parallel_world_size()
         norm = self.ds.get_global_grad_norm()
         norm = self._fp32_norm if norm is None else norm
-        return StepResult(loss=float(loss), grad_norm=float(norm))
+        local = None if self.tap is None else self.tap.finish_step()
+        return StepResult(loss=float(loss), grad_norm=float(norm), local_grad_sq_norm=local)
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[Batch]) -> float:

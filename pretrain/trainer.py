@@ -125,7 +125,7 @@ class Trainer:
         self.num_params = count_parameters(model)
         optimizer = build_optimizer(model, cfg.optim)
         ds_config = deepspeed_config(cfg.parallel, tr, cfg.optim, grad_accum_steps(cfg))
-        self.engine = TrainEngine(model, optimizer, ds_config, cfg.parallel)
+        self.engine = TrainEngine(model, optimizer, ds_config, cfg.parallel, tap_local_grads=cfg.logging.local_grad_norm)
 
         self.ckpt_dir = cfg.checkpoint.dir or str(self.run_dir / "checkpoints")
         self.state = TrainState()
@@ -179,6 +179,8 @@ class Trainer:
                     "tokens_per_s": batch * tr.seq_length / (t2 - t0),
                     "step_time_s": t2 - t0, "data_time_s": t1 - t0,
                 }
+                if result.local_grad_sq_norm is not None:
+                    record["grad_norm_local"] = result.local_grad_sq_norm ** 0.5
                 if tr.eval_interval and state.step % tr.eval_interval == 0 and self.valid_data is not None:
                     record["val_loss"] = self.evaluate()
                 if logs and (state.step % cfg.logging.interval == 0 or "val_loss" in record):

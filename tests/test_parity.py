@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from conftest import FAST, run_jobs
+from harness import FAST, run_jobs
 
 pytestmark = pytest.mark.distributed
 
@@ -17,7 +17,7 @@ MODELS = {
 }
 COMMON = FAST + [
     "data=synthetic", "trainer.max_steps=5", "trainer.seq_length=64", "trainer.global_batch_size=8",
-    "optim.warmup_tokens=0", "trainer.seed=7",
+    "optim.warmup_tokens=0", "trainer.seed=7", "logging.local_grad_norm=true",
 ]
 # layout name -> (world size, overrides). Micro-batches are chosen so pipelines run >= 2 micro-batches.
 LAYOUTS = {
@@ -35,8 +35,10 @@ LAYOUTS = {
     "dp2_zero3": (2, ["parallel=dp2_zero3", "trainer.micro_batch_size=4"]),
     "tp2_pp2": (4, ["parallel=tp2_pp2", "trainer.micro_batch_size=4"]),
     "tp2_dp2_zero1": (4, ["parallel=tp2_dp2_zero1", "trainer.micro_batch_size=4"]),
-    "pp2_dp2_zero1": (4, ["parallel=pp2_dp2_zero1", "trainer.micro_batch_size=2"]),
+    "pp2_dp2_zero1": (4, ["parallel=pp2_dp2_zero1", "trainer.micro_batch_size=4"]),
 }
+# DP rank 0's share of the first batch (samples 0-3), for checking the local-gradient tap.
+HALF_BATCH = ["parallel=single", "trainer.micro_batch_size=4", "trainer.global_batch_size=4"]
 BF16_LAYOUTS = ["single", "tp2", "pp2", "dp2_zero2", "dp2_zero3"]
 
 
@@ -48,6 +50,8 @@ def _jobs(world: int) -> dict:
                 jobs[f"{model}-{layout}-fp32"] = COMMON + model_args + args
                 if layout in BF16_LAYOUTS:
                     jobs[f"{model}-{layout}-bf16"] = COMMON + model_args + args + ["trainer.precision=bf16"]
+        if world == 1:
+            jobs[f"{model}-half-fp32"] = COMMON + model_args + HALF_BATCH
     return jobs
 
 
@@ -106,3 +110,26 @@ def test_training_makes_progress(results):
     for model in MODELS:
         losses = _series(results(1)[f"{model}-single-fp32"], "loss")
         assert losses[-1] < losses[0], f"{model}: loss did not fall in 5 steps: {losses}"
+
+
+def _data_parallel(layout):
+    return "dp2" in layout
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_local_gradient_tap(results, model, layout):
+    """The pre-reduction gradient of DP rank 0: the whole step's gradient when dp == 1 (every
+    step, through accumulation and any ZeRO stage), and exactly its own half of the batch when
+    dp == 2 (step 1, where the weights are still identical)."""
+    world = LAYOUTS[layout][0]
+    for precision, rtol in (("fp32", 1e-5), ("bf16", 2e-2)):
+        records = results(world).get(f"{model}-{layout}-{precision}")
+        if records is None:
+            continue
+        if _data_parallel(layout):
+            half = results(1)[f"{model}-half-fp32"][0]["grad_norm"]
+            _assert_close([records[0]["grad_norm_local"]], [half], rtol, f"{precision} {layout} local grad (rank 0's half)")
+            assert abs(records[0]["grad_norm_local"] - records[0]["grad_norm"]) > 1e-3 * half, "local must differ from global"
+        else:
+            _assert_close(_series(records, "grad_norm_local"), _series(records, "grad_norm"), rtol, f"{precision} {layout} local grad")

@@ -30,7 +30,7 @@ def _banded_causal_mask(s: int, window: int, device) -> torch.Tensor:
 
 def attention(q, k, v, window: Optional[int], dropout_p: float, backend: str) -> torch.Tensor:
     if backend == "triton" and dropout_p == 0.0:
-        return _kernels().causal_attention(q, k, v, window=window)
+        return _kernels().causal_attention(q.contiguous(), k.contiguous(), v.contiguous(), window=window)
     if backend == "eager":
         return _eager_attention(q, k, v, window, dropout_p)
     mask = None if window is None else _banded_causal_mask(q.shape[2], window, q.device)
@@ -66,5 +66,5 @@ def _rotate_half(x):
 def apply_rotary(q, k, cos, sin, backend: str):
     """Rotate q and k by position; cos/sin [s, d] in the rotate-half convention."""
     if backend == "triton":
-        return _kernels().apply_rotary(q, k, cos, sin)
+        return _kernels().apply_rotary(q.contiguous(), k.contiguous(), cos.contiguous(), sin.contiguous())
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

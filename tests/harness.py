@@ -1,10 +1,10 @@
+"""Shared helpers for the top-level tests: launching training jobs in subprocesses."""
+
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def child_env() -> dict:
     return env
 
 
-def run_jobs(nproc: int, jobs: dict, workdir: Path, timeout: int = 900) -> dict:
+def run_jobs(nproc: int, jobs: dict, workdir: Path, timeout: int = 900, env: dict | None = None) -> dict:
     """Run jobs {name: overrides} in one torchrun launch of nproc processes; {name: metrics records}."""
     workdir.mkdir(parents=True, exist_ok=True)
     jobs_file = workdir / "jobs.json"
@@ -35,7 +35,7 @@ def run_jobs(nproc: int, jobs: dict, workdir: Path, timeout: int = 900) -> dict:
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         str(REPO / "tests" / "parity_worker.py"), str(out), str(jobs_file), str(workdir),
     ]
-    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout, cwd=workdir)
+    proc = subprocess.run(cmd, env={**child_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout, cwd=workdir)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return json.loads(out.read_text())
@@ -52,8 +52,3 @@ def run_train(args: list, cwd: Path, nproc: int = 1, timeout: int = 900, check: 
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
-
-
-@pytest.fixture(scope="session")
-def session_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("runs")
