@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import child_env
+from harness import child_env
 
 
 @pytest.mark.parametrize("model", ["tiny-gpt", "tiny-llama"])
@@ -27,7 +27,7 @@ def test_step_benchmark_prints_both_rates_and_their_ratio(model, tmp_path):
 def test_flops_formula_matches_a_hand_count():
     from hydra import compose, initialize_config_dir
 
-    from conftest import REPO
+    from harness import REPO
     from pretrain.config import register_configs
     from pretrain.flops import model_flops_per_token
 

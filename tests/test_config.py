@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 
-from conftest import REPO, child_env
+from harness import REPO, child_env
 from pretrain import distributed
 from pretrain.config import register_configs
 from pretrain.model.layers import ffn_hidden_size

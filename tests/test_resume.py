@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import FAST, run_jobs
+from harness import FAST, run_jobs
 
 pytestmark = pytest.mark.distributed
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from conftest import FAST, run_jobs, run_train
+from harness import FAST, run_jobs, run_train
 
 pytestmark = pytest.mark.distributed
 
