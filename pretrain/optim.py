@@ -29,9 +29,20 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    # torch's AdamW: DeepSpeed's fused/CPU Adam JIT-compile C++ on first use (minutes on CPU);
-    # on GPU, foreach AdamW is within a few percent of them.
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    """AdamW: apex's FusedAdam on GPU when the image has apex, else torch's (fused on CUDA).
+
+    Never DeepSpeed's FusedAdam/CPUAdam: they JIT-compile C++ on first use (minutes on CPU).
+    """
+    groups = param_groups(model, cfg)
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if torch.cuda.is_available():
+        try:
+            from apex.optimizers import FusedAdam
+
+            return FusedAdam(groups, adam_w_mode=True, **kwargs)
+        except ImportError:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def lr_at(tokens: int, cfg: OptimConfig, total_tokens: int) -> float:

@@ -10,8 +10,9 @@ from harness import FAST, run_jobs
 pytestmark = pytest.mark.distributed
 
 MODELS = {
-    # GPT-2 style: LayerNorm, learned positions, GELU, biases, tied embeddings, MHA.
-    "gpt": ["model=tiny-gpt", "model.hidden_size=64"],
+    # GPT-2/3 style: LayerNorm, learned positions, GELU, biases, tied embeddings, MHA, and GPT-3's
+    # locally banded attention on odd layers.
+    "gpt": ["model=tiny-gpt", "model.hidden_size=64", "model.local_window=16", "model.local_attention_layers=odd"],
     # LLaMA style: RMSNorm, RoPE, SwiGLU, no biases, untied embeddings, GQA (4 query / 2 KV heads).
     "llama": ["model=tiny-llama", "model.hidden_size=64"],
 }
@@ -42,8 +43,17 @@ HALF_BATCH = ["parallel=single", "trainer.micro_batch_size=4", "trainer.global_b
 BF16_LAYOUTS = ["single", "tp2", "pp2", "dp2_zero2", "dp2_zero3"]
 
 
+# PaLM style: multi-query attention (one KV head, so no TP) and the parallel attention + MLP block.
+PALM = ["model=tiny-palm", "model.hidden_size=64"]
+PALM_LAYOUTS = ["single", "pp2", "dp2_zero2"]
+
+
 def _jobs(world: int) -> dict:
     jobs = {}
+    for layout in PALM_LAYOUTS:
+        size, args = LAYOUTS[layout]
+        if size == world:
+            jobs[f"palm-{layout}-fp32"] = COMMON + PALM + args
     for model, model_args in MODELS.items():
         for layout, (size, args) in LAYOUTS.items():
             if size == world:
@@ -87,6 +97,14 @@ def test_fp32_layout_matches_single_process(results, model, layout):
     assert len(reference) == 5
     _assert_close(_series(got, "loss"), _series(reference, "loss"), 1e-5, f"{layout} loss")
     _assert_close(_series(got, "grad_norm"), _series(reference, "grad_norm"), 1e-5, f"{layout} grad norm")
+
+
+@pytest.mark.parametrize("layout", [name for name in PALM_LAYOUTS if name != "single"])
+def test_palm_style_layout_matches_single_process(results, layout):
+    reference = results(1)["palm-single-fp32"]
+    got = results(LAYOUTS[layout][0])[f"palm-{layout}-fp32"]
+    _assert_close(_series(got, "loss"), _series(reference, "loss"), 1e-5, f"palm {layout} loss")
+    _assert_close(_series(got, "grad_norm"), _series(reference, "grad_norm"), 1e-5, f"palm {layout} grad norm")
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -35,10 +35,24 @@ def _mark_sequence_parallel(module: nn.Module, enabled: bool) -> None:
         p.sequence_parallel = enabled
 
 
-def build_norm(cfg: ModelConfig, sequence_parallel: bool) -> nn.Module:
+def _apex_norm(cfg: ModelConfig) -> Optional[nn.Module]:
+    """apex's fused LayerNorm/RMSNorm on GPU when the image has apex (same parameter names)."""
+    if not torch.cuda.is_available() or cfg.attention_backend == "triton":
+        return None
+    try:
+        from apex.normalization import FusedLayerNorm, FusedRMSNorm
+    except ImportError:
+        return None
     if cfg.norm == "layernorm":
+        return FusedLayerNorm(cfg.hidden_size, eps=cfg.norm_eps) if cfg.bias else None
+    return FusedRMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+
+def build_norm(cfg: ModelConfig, sequence_parallel: bool) -> nn.Module:
+    norm = _apex_norm(cfg)
+    if norm is None and cfg.norm == "layernorm":
         norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps, bias=cfg.bias)
-    else:
+    elif norm is None:
         norm = RMSNorm(cfg.hidden_size, eps=cfg.norm_eps, backend=cfg.attention_backend)
     _mark_sequence_parallel(norm, sequence_parallel)
     return norm
