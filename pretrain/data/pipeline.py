@@ -156,6 +156,12 @@ class _Run:
             )
 
 
+def _ticking(items, bar):
+    for x in items:
+        bar.update()
+        yield x
+
+
 def _load(files: Dict[str, Path]) -> Docs:
     return {n: cache.read_docs(p) for n, p in files.items()}
 
@@ -192,13 +198,16 @@ def _stage_clean(run: _Run, keys) -> Dict[str, Path]:
             stats[s.name] = cache.read_manifest(path)["stats"]
         else:
             with cache.building(path) as (tmp, manifest):
-                raw = []
-                with run.bar(None, f"read {s.name}") as bar:
+                raw, cfg = [], run.eff[s.name].clean
+
+                def reading(bar):
                     for doc in read_source(s, run.cfg.root):
                         raw.append(doc)
                         bar.update()
-                cfg = run.eff[s.name].clean
-                kept, why = clean_documents(raw, cfg) if cfg.enabled else (raw, {})
+                        yield doc
+
+                with run.bar(None, f"read + clean {s.name}") as bar:
+                    kept, why = clean_documents(reading(bar), cfg) if cfg.enabled else (list(reading(bar)), {})
                 run.check_nonempty("clean", {s.name: kept})
                 cache.write_docs(tmp / "docs.jsonl", kept)
                 manifest["stats"] = stats[s.name] = stage_stats(raw, kept, why)
@@ -255,7 +264,8 @@ def _stage_decontam(run: _Run, keys, upstream: Dict[str, Path]) -> Dict[str, Pat
         c = run.eff[n].decontam
         if c.ngram not in grams_by_n:
             grams_by_n[c.ngram] = build_eval_ngrams(run.cfg.eval_files, c.ngram)
-        kept[n], why = decontaminate(docs[n], grams_by_n[c.ngram], c)
+        with run.bar(len(docs[n]), f"decontam {n}") as bar:
+            kept[n], why = decontaminate(_ticking(docs[n], bar), grams_by_n[c.ngram], c)
         stats[n] = stage_stats(docs[n], kept[n], why)
     run.check_nonempty("decontam", kept)
     return _save_stage(run, "decontam", keys["decontam"], {**docs, **kept}, set(targets), upstream, stats, t0)
