@@ -61,3 +61,18 @@ def test_tiny_builtin_end_to_end(tmp_path):
 def test_full_builtin(tmp_path):
     p = prepare_data(_compose(f"data.cache_dir={tmp_path}"), console=Console(quiet=True))
     assert p.vocab_size == 8192 and len(p.sources) == 6
+
+
+def test_install_script_parses():
+    import subprocess
+
+    script = Path(__file__).resolve().parents[2] / "pretrain" / "data" / "install_corpus.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_unknown_builtin_named(tmp_path):
+    from pretrain.data import DataConfigError
+
+    cfg = {"name": "x", "cache_dir": str(tmp_path), "sources": [{"name": "s", "path": "builtin:nope"}]}
+    with pytest.raises(DataConfigError, match="unknown built-in corpus 'nope'"):
+        prepare_data(cfg, console=Console(quiet=True))
