@@ -1,15 +1,30 @@
-"""Save and resume everything needed to continue a run exactly.
+"""Save and resume everything needed to continue a run exactly, without ever trusting a half-written file.
 
-DeepSpeed writes the weights and optimizer state of each rank (ZeRO partitions, pipeline layers)
-under ``<dir>/<tag>/`` and the ``latest`` pointer. Beside them go the trainer state (step, tokens,
-consumed samples: the data position) and each rank's RNG streams.
+DeepSpeed writes the weights and optimizer state of each rank (ZeRO partitions, pipeline layers);
+beside them go the trainer state (step, tokens, consumed samples: the data position) and each rank's
+RNG streams. A save is a commit in three moves:
+
+1. every rank writes into ``<dir>/.tmp/<tag>/`` (a crash here leaves only ``.tmp``, cleared next time);
+2. the ranks checksum the files between them and rank 0 writes ``manifest.json`` (size and sha256 of
+   every file), then renames the folder to ``<dir>/<tag>`` (atomic on one file system);
+3. rank 0 rewrites ``<dir>/latest`` (DeepSpeed's pointer, for its tools) through a rename, then drops all
+   but the newest ``keep_last`` checkpoints.
+
+On resume the newest ``step*`` folder whose files match its manifest wins; a damaged or incomplete
+one is reported and skipped in favour of the one before. Checkpoints live on a file system every
+rank sees (multi-node runs need a shared one).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import re
 import shutil
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -21,6 +36,12 @@ from pretrain.engine import TrainEngine
 
 log = logging.getLogger(__name__)
 
+MANIFEST = "manifest.json"
+STAGING = ".tmp"
+TAG_PATTERN = re.compile(r"^step\d{8}$")
+# Test hook: the step whose save dies (os._exit) after the files are written, before the commit.
+CRASH_ENV = "PRETRAIN_TEST_CRASH_IN_SAVE"
+
 
 @dataclass
 class TrainState:
@@ -29,30 +50,172 @@ class TrainState:
     step: int = 0
     tokens: int = 0
     consumed_samples: int = 0
+    skipped_steps: int = 0  # updates skipped for a non-finite or spiking loss, over the whole run
+    consecutive_skips: int = 0
+    loss_average: Optional[float] = None  # running mean of accepted losses (the spike guard's reference)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainState":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
 
 
 def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
-def _rng_path(directory: Path, tag: str) -> Path:
-    return directory / tag / "rng" / f"rank{dist.get_rank():05d}.pt"
+def _rng_file(tag_dir: Path) -> Path:
+    return tag_dir / "rng" / f"rank{dist.get_rank():05d}.pt"
+
+
+def _hash(path: Path) -> dict:
+    """Size and sha256 of a file; also flushes it to disk (fsync works on a read-only descriptor)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+        os.fsync(f.fileno())
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _files(tag_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _shared_hashes(tag_dir: Path, names: list[str]) -> dict:
+    """{name: size and sha256}, the hashing split over the ranks. Collective."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {}
+    for name in names[rank::world]:
+        try:
+            mine[name] = _hash(tag_dir / name)
+        except OSError as err:
+            mine[name] = {"error": str(err)}
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    merged = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _crash_if_planted(step: int) -> None:
+    if os.environ.get(CRASH_ENV) == str(step):
+        log.error("%s=%d: dying in the middle of a checkpoint write (test hook)", CRASH_ENV, step)
+        os._exit(86)
+
+
+def checkpoints(directory: str) -> list[str]:
+    """Committed checkpoint tags in ``directory``, oldest first (not verified)."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
 
 
 def save(engine: TrainEngine, directory: str, state: TrainState, keep_last: int) -> str:
-    """Collective: every rank calls it. Returns the tag written."""
-    directory = Path(directory)
+    """Write and commit a checkpoint of ``state``. Collective: every rank calls it. Returns its folder."""
+    root = Path(directory)
     tag = tag_for(state.step)
-    engine.save(str(directory), tag, client_state={"train_state": asdict(state)})
-    rng = _rng_path(directory, tag)
+    staging_root = root / STAGING
+    if dist.get_rank() == 0:
+        shutil.rmtree(staging_root, ignore_errors=True)  # leftovers of a save that died
+        staging_root.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+
+    staged = staging_root / tag
+    engine.save(str(staging_root), tag, client_state={"train_state": asdict(state)})
+    rng = _rng_file(staged)
     rng.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}, rng)
     dist.barrier()
-    if dist.get_rank() == 0 and keep_last > 0:
-        for old in sorted(p for p in directory.glob("step*") if p.is_dir())[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+    _crash_if_planted(state.step)
+
+    names = _files(staged) if dist.get_rank() == 0 else None
+    box = [names]
+    dist.broadcast_object_list(box, src=0)
+    hashes = _shared_hashes(staged, box[0])
+    final = root / tag
+    if dist.get_rank() == 0:
+        broken = {n: h["error"] for n, h in hashes.items() if "error" in h}
+        if broken:
+            raise OSError(f"checkpoint {staged}: could not read back {broken}")
+        manifest = {
+            "tag": tag, "train_state": asdict(state), "world_size": dist.get_world_size(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": hashes,
+        }
+        _write_atomic(staged / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+        if final.exists():  # the same step saved again (e.g. a stop request at a checkpoint step)
+            shutil.rmtree(final)
+        os.rename(staged, final)
+        _fsync_dir(root)
+        _write_atomic(root / "latest", tag)  # last: DeepSpeed's tools follow it
+        recovery = staging_root / "zero_to_fp32.py"
+        if recovery.is_file():
+            os.replace(recovery, root / recovery.name)
+        if keep_last > 0:
+            for old in checkpoints(directory)[:-keep_last]:
+                shutil.rmtree(root / old, ignore_errors=True)
+        shutil.rmtree(staging_root, ignore_errors=True)
     dist.barrier()
-    return tag
+    return str(final)
+
+
+def verify(tag_dir: Path) -> Optional[str]:
+    """Why the checkpoint in ``tag_dir`` cannot be trusted, or None if every file matches its manifest.
+
+    Collective: the hashing is split over the ranks, and every rank gets the same answer.
+    """
+    problem = None
+    if dist.get_rank() == 0:
+        try:
+            manifest = json.loads((tag_dir / MANIFEST).read_text())
+            expected = manifest["files"]
+        except FileNotFoundError:
+            problem = f"no {MANIFEST} (an incomplete or pre-manifest checkpoint)"
+        except (ValueError, KeyError) as err:
+            problem = f"unreadable {MANIFEST} ({err})"
+        else:
+            for name, want in expected.items():
+                path = tag_dir / name
+                if not path.is_file():
+                    problem = f"{name} is missing"
+                elif path.stat().st_size != want["size"]:
+                    problem = f"{name} has {path.stat().st_size} bytes, the manifest says {want['size']}"
+                if problem:
+                    break
+    box = [problem, None]
+    if dist.get_rank() == 0 and problem is None:
+        box[1] = manifest["files"]
+    dist.broadcast_object_list(box, src=0)
+    problem, expected = box
+    if problem is not None:
+        return problem
+    actual = _shared_hashes(tag_dir, sorted(expected))
+    for name in sorted(expected):
+        got = actual[name]
+        if "error" in got:
+            return f"{name} cannot be read ({got['error']})"
+        if got["sha256"] != expected[name]["sha256"]:
+            return f"{name} does not match its checksum (sha256 {got['sha256'][:12]}..., manifest {expected[name]['sha256'][:12]}...)"
+    return None
 
 
 def latest_tag(directory: str) -> Optional[str]:
@@ -60,9 +223,26 @@ def latest_tag(directory: str) -> Optional[str]:
     return pointer.read_text().strip() if pointer.is_file() else None
 
 
+def newest_valid(directory: str) -> Optional[str]:
+    """The newest checkpoint in ``directory`` that verifies; reports (rank 0) each one skipped. Collective."""
+    tags = checkpoints(directory)
+    for tag in reversed(tags):
+        problem = verify(Path(directory) / tag)
+        if problem is None:
+            return tag
+        if dist.get_rank() == 0:
+            log.warning("checkpoint %s/%s is damaged or incomplete and is skipped: %s", directory, tag, problem)
+    if tags:
+        raise RuntimeError(
+            f"no checkpoint in {directory} is intact ({', '.join(tags)}: see the warnings above). "
+            "Restore one, point checkpoint.dir elsewhere, or set checkpoint.resume=never to start afresh"
+        )
+    return None
+
+
 def resume(engine: TrainEngine, directory: str) -> Optional[TrainState]:
-    """Load the newest checkpoint in ``directory`` into the engine; None if there is none."""
-    tag = latest_tag(directory)
+    """Load the newest intact checkpoint in ``directory`` into the engine; None if there is none. Collective."""
+    tag = newest_valid(directory)
     if tag is None:
         return None
     client_state = engine.load(directory, tag)
@@ -71,11 +251,11 @@ def resume(engine: TrainEngine, directory: str) -> Optional[TrainState]:
             f"checkpoint {directory}/{tag} has no trainer state; it was not written by pretrain. "
             "Point checkpoint.resume at a pretrain checkpoint directory or set checkpoint.resume=never"
         )
-    rng = _rng_path(Path(directory), tag)
+    rng = _rng_file(Path(directory) / tag)
     if rng.is_file():
         states = torch.load(rng, weights_only=False)
         torch.set_rng_state(states["torch"])
         get_cuda_rng_tracker().set_states(states["tracker"])
     else:
         log.warning("no RNG state for this rank in %s/%s (saved at another layout?); dropout streams restart", directory, tag)
-    return TrainState(**client_state["train_state"])
+    return TrainState.from_dict(client_state["train_state"])
