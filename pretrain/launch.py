@@ -1,0 +1,196 @@
+"""``python -m pretrain.launch slurm [cluster=NAME] [cluster.KEY=VALUE] [training overrides] [--dry-run]``
+
+Renders an sbatch script from the composed training config (validated here, before anything is
+queued) and a ``conf/cluster/<NAME>.yaml`` (partition, account, GPUs and CPUs per node, time limit,
+environment set-up, extra ``#SBATCH`` lines), then submits it with ``sbatch`` or, with ``--dry-run``,
+prints it (``--output FILE`` writes it).
+
+The job runs one ``srun`` task per node, each starting torchrun with a c10d rendezvous on the first
+node. Preemption: Slurm sends the batch shell USR1 ``signal_seconds`` before the time limit; the shell
+forwards it to the ranks, which finish the step, checkpoint and exit, and the shell requeues the job
+(``scontrol requeue``), which resumes from the checkpoint in the same run directory (named after the
+job). scancel's SIGTERM also makes the ranks save before they exit; that job is not requeued.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+
+
+def compose_training(overrides: list[str]) -> DictConfig:
+    """The training config exactly as ``pretrain.train`` would compose it from ``overrides``."""
+    from hydra import compose, initialize_config_dir
+
+    from pretrain.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def load_cluster(name: str, overrides: list[str]) -> DictConfig:
+    path = CONF / "cluster" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONF / "cluster").glob("*.yaml"))
+        raise SystemExit(f"cluster={name}: no {path}; choose one of {known}")
+    cluster = OmegaConf.load(path)
+    if overrides:
+        cluster = OmegaConf.merge(cluster, OmegaConf.from_dotlist(overrides))
+    return cluster
+
+
+def split_overrides(args: list[str]) -> tuple[str, list[str], list[str]]:
+    """(cluster name, cluster.KEY=VALUE overrides without the prefix, training overrides)."""
+    name, cluster, training = "gpu-example", [], []
+    for arg in args:
+        if arg.startswith("cluster="):
+            name = arg.split("=", 1)[1]
+        elif arg.startswith("cluster."):
+            cluster.append(arg[len("cluster."):])
+        else:
+            training.append(arg)
+    return name, cluster, training
+
+
+def layout(cfg: DictConfig, cluster: DictConfig) -> tuple[int, int]:
+    """(nodes, processes per node) for the config's tp x pp x dp processes."""
+    world = cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.data
+    per_node = cluster.procs_per_node or cluster.gpus_per_node
+    if not per_node:
+        raise SystemExit(f"cluster {cluster.name}: set gpus_per_node or procs_per_node")
+    if world % per_node and world > per_node:
+        raise SystemExit(
+            f"the plan needs {world} processes (tensor x pipeline x data), not a multiple of "
+            f"{per_node} per node on cluster {cluster.name}; change parallel.data or cluster.procs_per_node"
+        )
+    return max(1, world // per_node), min(world, per_node)
+
+
+def render(cfg: DictConfig, cluster: DictConfig, training: list[str]) -> str:
+    """The sbatch script (text) for this training config on this cluster."""
+    nodes, per_node = layout(cfg, cluster)
+    job = cluster.job_name or f"{cfg.model.name}-{cfg.parallel.name}"
+    runs = cluster.runs_dir
+    sbatch = [f"--job-name={job}"]
+    for key in ("partition", "account", "qos"):
+        if cluster.get(key):
+            sbatch.append(f"--{key}={cluster[key]}")
+    sbatch += [f"--nodes={nodes}", "--ntasks-per-node=1"]
+    if cluster.gpus_per_node:
+        sbatch.append(f"--gpus-per-node={cluster.gpus_per_node}")
+    sbatch.append(f"--cpus-per-task={cluster.cpus_per_task}")
+    if cluster.get("mem"):
+        sbatch.append(f"--mem={cluster.mem}")
+    sbatch += [
+        f"--time={cluster.time}",
+        f"--signal=B:USR1@{cluster.signal_seconds}",  # B: the batch shell only; it forwards to the ranks
+        "--requeue",
+        "--open-mode=append",  # a requeued job appends to its log
+        f"--output={runs}/%x-%j.out",
+    ]
+    sbatch += list(cluster.extra_sbatch or [])
+
+    env = {"OMP_NUM_THREADS": str(max(1, cluster.cpus_per_task // per_node)),
+           # A failed collective raises instead of hanging, so a dead rank ends the job.
+           "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    env.update({str(k): str(v) for k, v in (cluster.env or {}).items()})
+
+    user_run_dir = any(o.startswith("hydra.run.dir=") for o in training)
+    train_args = " ".join(shlex.quote(o) for o in training)
+    if not user_run_dir:
+        train_args = (train_args + ' "hydra.run.dir=$RUN_DIR"').strip()
+    srun = ["srun", "--kill-on-bad-exit=1", "--ntasks-per-node=1"] + list(cluster.srun_args or [])
+    torchrun = [
+        cluster.python, "-m", "torch.distributed.run",
+        '--nnodes="$SLURM_NNODES"', f"--nproc-per-node={per_node}",
+        "--rdzv-backend=c10d", f'--rdzv-endpoint="$head_node:{cluster.rdzv_port}"', '--rdzv-id="$SLURM_JOB_ID"',
+        # torchrun passes USR1 on to its workers and gives them time to save before killing them.
+        f"--signals-to-handle={TORCHRUN_SIGNALS}", f"--shutdown-timeout={cluster.shutdown_timeout}",
+        "-m", "pretrain.train",
+    ]
+    lines = [
+        "#!/bin/bash",
+        "# Rendered by `python -m pretrain.launch slurm`; re-render rather than edit.",
+        *(f"#SBATCH {s}" for s in sbatch),
+        "set -uo pipefail",
+        "",
+        f"cd {shlex.quote(str(cluster.workdir or Path.cwd()))}",
+        *(cluster.setup or []),
+        *(f"export {k}={shlex.quote(v)}" for k, v in env.items()),
+        f'RUN_DIR={runs}/"$SLURM_JOB_NAME-$SLURM_JOB_ID"  # the same after a requeue: the run resumes there',
+        'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        'echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST, run dir $RUN_DIR"',
+        "",
+        "requeue=0",
+        "trap 'requeue=1; echo \"USR1: time limit near, the ranks checkpoint\"; scancel --signal=USR1 \"$SLURM_JOB_ID\"' USR1",
+        "trap 'echo \"SIGTERM: the ranks checkpoint and stop\"' TERM",
+        " ".join(srun) + " \\",
+        "    " + " ".join(torchrun) + " \\",
+        f"    {train_args} &",
+        "pid=$!",
+        # wait returns early when a trapped signal arrives: keep waiting for srun itself.
+        'while :; do wait "$pid"; rc=$?; kill -0 "$pid" 2>/dev/null || break; done',
+        'if [ "$requeue" = 1 ] && [ "$rc" != 0 ]; then',
+        '    echo "requeueing job $SLURM_JOB_ID to resume from its checkpoint"',
+        '    scontrol requeue "$SLURM_JOB_ID"',
+        "fi",
+        'exit "$rc"',
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def slurm(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.launch slurm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="print (or --output) the script; submit nothing")
+    parser.add_argument("--output", help="write the script here (default: <runs_dir>/sbatch/<job>.sbatch)")
+    parser.add_argument("overrides", nargs="*", help="cluster=NAME, cluster.KEY=VALUE and training overrides")
+    args = parser.parse_intermixed_args(argv)
+    name, cluster_overrides, training = split_overrides(args.overrides)
+    cluster = load_cluster(name, cluster_overrides)
+    cfg = compose_training(training)
+    layout(cfg, cluster)
+    from pretrain.validate import ConfigError, validate
+
+    try:
+        validate(cfg, cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.data)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    script = render(cfg, cluster, training)
+    if args.dry_run and not args.output:
+        sys.stdout.write(script)
+        return 0
+    path = Path(args.output or Path(cluster.runs_dir) / "sbatch" / f"{cluster.job_name or cfg.model.name}.sbatch")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    if args.dry_run:
+        print(path)
+        return 0
+    Path(cluster.runs_dir).mkdir(parents=True, exist_ok=True)
+    job = subprocess.run(["sbatch", "--parsable", str(path)], check=True, capture_output=True, text=True).stdout.strip()
+    print(f"submitted job {job} ({path})")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "slurm":
+        print("usage: python -m pretrain.launch slurm [cluster=NAME] [overrides...] [--dry-run] [--output FILE]",
+              file=sys.stderr)
+        return 2
+    return slurm(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Bad losses skip the update; stop signals save and exit; a dead rank ends the job; runs resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness import FAST, child_env
+
+pytestmark = pytest.mark.distributed
+
+TINY = FAST + [
+    "data=synthetic", "model=tiny-gpt", "model.hidden_size=64", "trainer.seq_length=32",
+    "trainer.micro_batch_size=2", "trainer.global_batch_size=4", "logging.wandb=false",
+]
+
+
+def _command(nproc: int, args: list) -> list:
+    if nproc == 1:
+        return [sys.executable, "-m", "pretrain.train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "pretrain.train", *args]
+
+
+def _run(cwd: Path, nproc: int, args: list, env=None, timeout=300):
+    return subprocess.run(_command(nproc, args), env={**child_env(), **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)
+
+
+def _start(cwd: Path, nproc: int, args: list, log: Path):
+    """A job in its own process group (as under slurmstepd), output to ``log``."""
+    with open(log, "w") as out:
+        return subprocess.Popen(_command(nproc, args), env=child_env(), stdout=out, stderr=subprocess.STDOUT,
+                                cwd=cwd, start_new_session=True)
+
+
+def _wait_for(predicate, proc, timeout=180):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"job exited early ({proc.returncode})"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+def _steps(run_dir: Path) -> list:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _state(tag_dir: Path) -> dict:
+    return json.loads((tag_dir / "manifest.json").read_text())["train_state"]
+
+
+def test_nan_losses_skip_the_update_and_too_many_in_a_row_stop_with_state_saved(tmp_path):
+    run = tmp_path / "run"
+    proc = _run(tmp_path, 1, TINY + [
+        "trainer.max_steps=20", "checkpoint.interval=1", "checkpoint.keep_last=0",
+        "trainer.max_consecutive_skips=3", f"hydra.run.dir={run}",
+    ], env={"PRETRAIN_TEST_NAN_STEPS": "3,5,6,7"})
+    assert proc.returncode == 65, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "3 updates in a row were skipped" in out
+    assert "step 3: update skipped (loss is nan); 1 in a row, 1 in total" in out
+
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step00000007", "the run stops at the third bad step in a row"
+    state = _state(ckpts / "step00000007")
+    assert (state["skipped_steps"], state["consecutive_skips"]) == (4, 3)
+
+    def weights(step):
+        states = torch.load(ckpts / f"step{step:08d}" / "mp_rank_00_model_states.pt", weights_only=False)
+        return {k: v for k, v in states["module"].items() if torch.is_tensor(v)}, states["optimizer"]["state"]
+
+    # A skipped update leaves the weights and Adam's moments exactly as they were.
+    for before, after in ((2, 3), (4, 7)):
+        (m0, o0), (m1, o1) = weights(before), weights(after)
+        assert all(torch.equal(m0[k], m1[k]) for k in m0), (before, after)
+        assert all(torch.equal(o0[i]["exp_avg"], o1[i]["exp_avg"]) for i in o0), (before, after)
+    m3, _ = weights(3)
+    m4, _ = weights(4)
+    assert not all(torch.equal(m3[k], m4[k]) for k in m3), "step 4 is a normal update"
+    records = _steps(run)
+    assert [r["step"] for r in records] == list(range(1, 8))
+    assert all(r["loss"] == r["loss"] for r in records if r["step"] in (1, 2, 4)), "finite losses elsewhere"
+
+
+def test_sigterm_saves_and_exits_then_a_killed_rank_ends_the_job_and_a_relaunch_resumes(tmp_path):
+    run = tmp_path / "run"
+    common = TINY + ["parallel=dp2", "trainer.max_steps=400", f"hydra.run.dir={run}"]
+    ckpts = run / "checkpoints"
+
+    # SIGTERM to the whole process group, as slurmstepd sends it: each rank gets it twice
+    # (directly and forwarded by torchrun).
+    job = _start(tmp_path, 2, common, tmp_path / "first.log")
+    _wait_for(lambda: len(_steps(run)) >= 2, job)
+    os.killpg(job.pid, signal.SIGTERM)
+    code = job.wait(timeout=120)
+    log = (tmp_path / "first.log").read_text()
+    assert code != 0, log[-3000:]
+    assert "received SIGTERM: stopping" in log, log[-3000:]
+    stopped = int((ckpts / "latest").read_text()[4:])
+    assert stopped >= 2 and _state(ckpts / f"step{stopped:08d}")["step"] == stopped
+    assert _steps(run)[-1]["step"] == stopped
+
+    # Relaunch: resumes where it stopped; kill -9 one rank after the next checkpoint.
+    job = _start(tmp_path, 2, common + ["checkpoint.interval=2"], tmp_path / "second.log")
+    _wait_for(lambda: (ckpts / "latest").read_text() != f"step{stopped:08d}", job)
+    children = Path(f"/proc/{job.pid}/task/{job.pid}/children").read_text().split()
+    ranks = {}
+    for pid in children:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = next((e.split(b"=", 1)[1] for e in environ if e.startswith(b"RANK=")), None)
+        ranks[rank] = int(pid)
+    os.kill(ranks[b"1"], signal.SIGKILL)
+    code = job.wait(timeout=120)  # bounded: no hang on the surviving rank
+    log = (tmp_path / "second.log").read_text()
+    assert code != 0
+    assert f"at step {stopped}" in log
+    last = int((ckpts / "latest").read_text()[4:])
+    assert last > stopped
+
+    proc = _run(tmp_path, 2, TINY + ["parallel=dp2", f"trainer.max_steps={last + 2}", "checkpoint.save_final=true", f"hydra.run.dir={run}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"at step {last}" in proc.stdout + proc.stderr
+    assert (ckpts / "latest").read_text() == f"step{last + 2:08d}"
