@@ -102,5 +102,5 @@ def test_an_invalid_plan_is_refused_before_anything_is_queued(capsys):
 
 
 def test_a_plan_that_does_not_fill_whole_nodes_is_refused():
-    with pytest.raises(SystemExit, match="not a multiple of 8 per node"):
-        launch.main(["slurm", "cluster=gpu-example", "parallel=tp8_dp4_zero1", "parallel.data=3", "--dry-run"])
+    with pytest.raises(SystemExit, match="needs 16 processes .* not a multiple of 6 per node"):
+        launch.main(["slurm", *GPU_ARGS, "cluster.procs_per_node=6", "--dry-run"])
