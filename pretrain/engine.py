@@ -9,6 +9,7 @@ gradient norm, identically for the plain and the pipeline engine.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Optional
@@ -118,21 +119,38 @@ class LocalGradTap:
       (bf16: the fp32 ``_hp_grad``).
     """
 
-    def __init__(self, model: nn.Module, pipeline: bool):
+    def __init__(self, model: nn.Module, pipeline: bool, track_micro_steps: bool = False):
         self.pipeline = pipeline
         self.params = [p for p in model.parameters() if p.requires_grad]
         self._buffers: dict[nn.Parameter, torch.Tensor] = {}
         self.value: Optional[float] = None
+        # dp == 1: the micro-batch gradients are the small batch of the noise scale.
+        self.track_micro_steps = track_micro_steps and not pipeline
+        self._micro: dict[nn.Parameter, torch.Tensor] = {}
+        self.micro_sq: list[float] = []
         if not pipeline:
             for p in self.params:
                 p.register_hook(partial(self._accumulate, p))
 
     def _accumulate(self, p: nn.Parameter, grad: torch.Tensor) -> None:
-        buf = self._buffers.get(p)
+        buffers = self._micro if self.track_micro_steps else self._buffers
+        buf = buffers.get(p)
         if buf is None:
-            self._buffers[p] = grad.detach().float().clone()
+            buffers[p] = grad.detach().float().clone()
         else:
             buf.add_(grad.detach().float())
+
+    def end_micro_step(self) -> None:
+        """Fold one micro-step's gradient into the step's, keeping its squared norm. Collective."""
+        if not self.track_micro_steps:
+            return
+        self.micro_sq.append(float(model_parallel_sq_sum([g for p, g in self._micro.items() if counts_once(p)])))
+        for p, g in self._micro.items():
+            if p in self._buffers:
+                self._buffers[p].add_(g)
+            else:
+                self._buffers[p] = g
+        self._micro = {}
 
     def wrap_pipeline(self, engine) -> None:
         from deepspeed.runtime.pipe import schedule
@@ -155,6 +173,8 @@ class LocalGradTap:
 
     def start_step(self) -> None:
         self._buffers.clear()
+        self._micro = {}
+        self.micro_sq = []
         self.value = None
 
     def finish_step(self) -> float:
@@ -172,6 +192,11 @@ class StepResult:
     grad_norm: float  # of the global (DP-averaged) gradient, before clipping
     # Squared norm of this DP rank's own gradient before the DP reduction (LocalGradTap), if tapped.
     local_grad_sq_norm: Optional[float] = None
+    # The noise scale's small batch: its mean squared gradient norm and its size in examples.
+    small_batch_sq_norm: Optional[float] = None
+    small_batch: Optional[int] = None
+    fwd_bwd_s: Optional[float] = None  # pp == 1 only; the pipeline interleaves them
+    optimizer_s: Optional[float] = None
 
 
 class TrainEngine:
@@ -182,7 +207,7 @@ class TrainEngine:
         tap_local_grads: bool = False,
     ):
         self.pipeline = parallel.pipeline > 1
-        self.tap = LocalGradTap(model, self.pipeline) if tap_local_grads else None
+        self.tap = LocalGradTap(model, self.pipeline, track_micro_steps=parallel.data == 1) if tap_local_grads else None
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -226,22 +251,46 @@ class TrainEngine:
         self.ds.train()
         if self.tap is not None:
             self.tap.start_step()
+        fwd_bwd = optimizer = None
         if self.pipeline:
             loss = self.ds.train_batch(iter(micro_batches))
         else:
             total = torch.zeros((), device=self.device)
+            fwd_bwd = optimizer = 0.0
             for tokens, labels in micro_batches:
+                start = time.perf_counter()
                 loss = self.ds(tokens, labels)
                 self.ds.backward(loss)
-                self.ds.step()
+                if self.tap is not None:
+                    self.tap.end_micro_step()
+                middle = time.perf_counter()
+                self.ds.step()  # the optimizer step at the accumulation boundary
+                optimizer += time.perf_counter() - middle
+                fwd_bwd += middle - start
                 total += loss.detach().float()
             loss = total / len(micro_batches)
             dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
             loss /= parallel_state.get_data_parallel_world_size()
         norm = self.ds.get_global_grad_norm()
-        norm = self._fp32_norm if norm is None else norm
-        local = None if self.tap is None else self.tap.finish_step()
-        return StepResult(loss=float(loss), grad_norm=float(norm), local_grad_sq_norm=local)
+        norm = float(self._fp32_norm if norm is None else norm)
+        result = StepResult(loss=float(loss), grad_norm=norm, fwd_bwd_s=fwd_bwd, optimizer_s=optimizer)
+        if self.tap is not None:
+            result.local_grad_sq_norm = self.tap.finish_step()
+            result.small_batch_sq_norm, result.small_batch = self._small_batch(result.local_grad_sq_norm, len(micro_batches))
+        return result
+
+    def _small_batch(self, local_sq: float, accum: int) -> tuple[Optional[float], Optional[int]]:
+        """(mean squared norm, examples) of the noise scale's small batch; (None, None) if there is none."""
+        micro = self.ds.train_micro_batch_size_per_gpu()
+        dp = parallel_state.get_data_parallel_world_size()
+        if dp > 1:
+            mean = torch.tensor(local_sq, dtype=torch.float64, device=self.device)
+            dist.all_reduce(mean, group=parallel_state.get_data_parallel_group())
+            return float(mean) / dp, micro * accum
+        if self.tap.track_micro_steps and accum > 1:
+            # Each micro-step's loss was scaled by 1/accum: rescale to the micro-batch mean gradient.
+            return accum**2 * sum(self.tap.micro_sq) / len(self.tap.micro_sq), micro
+        return None, None
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: list[Batch]) -> float:

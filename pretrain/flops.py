@@ -41,3 +41,26 @@ def measured_matmul_flops(size: int = 1024, dtype=torch.float32, seconds: float 
     if device != "cpu":
         torch.cuda.synchronize()
     return 2 * size**3 * count / (time.perf_counter() - start)
+
+
+# Dense peak FLOP/s per GPU from the vendors' data sheets (SXM parts): bf16, and TF32 for fp32 runs.
+GPU_PEAK_FLOPS = {
+    "A100": {"bf16": 312e12, "fp32": 156e12},
+    "H100": {"bf16": 989e12, "fp32": 494e12},
+    "H200": {"bf16": 989e12, "fp32": 494e12},
+}
+
+
+def peak_flops(precision: str) -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number comes from) for MFU.
+
+    Known GPUs from the table; anything else, the CPU included, is measured with square matmuls.
+    """
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, peaks in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return peaks[precision], f"{key} data sheet"
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        return measured_matmul_flops(4096, dtype, device="cuda"), f"measured on {name}"
+    return measured_matmul_flops(), "measured CPU fp32 matmul"

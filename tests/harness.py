@@ -14,6 +14,7 @@ FAST = [
     "logging.plot=false",
     "trainer.eval_interval=0",
     "checkpoint.save_final=false",
+    "logging.wandb=false",
 ]
 
 
@@ -41,14 +42,14 @@ def run_jobs(nproc: int, jobs: dict, workdir: Path, timeout: int = 900, env: dic
     return json.loads(out.read_text())
 
 
-def run_train(args: list, cwd: Path, nproc: int = 1, timeout: int = 900, check: bool = True):
+def run_train(args: list, cwd: Path, nproc: int = 1, timeout: int = 900, check: bool = True, env: dict | None = None):
     """`python -m pretrain.train ARGS` (under torchrun when nproc > 1)."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "pretrain.train", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "pretrain.train", *args]
-    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    proc = subprocess.run(cmd, env={**child_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -18,7 +18,7 @@ MODELS = {
 }
 COMMON = FAST + [
     "data=synthetic", "trainer.max_steps=5", "trainer.seq_length=64", "trainer.global_batch_size=8",
-    "optim.warmup_tokens=0", "trainer.seed=7", "logging.local_grad_norm=true",
+    "optim.warmup_tokens=0", "trainer.seed=7", "logging.gns=true",
 ]
 # layout name -> (world size, overrides). Micro-batches are chosen so pipelines run >= 2 micro-batches.
 LAYOUTS = {
@@ -151,3 +151,17 @@ def test_local_gradient_tap(results, model, layout):
             assert abs(records[0]["grad_norm_local"] - records[0]["grad_norm"]) > 1e-3 * half, "local must differ from global"
         else:
             _assert_close(_series(records, "grad_norm_local"), _series(records, "grad_norm"), rtol, f"{precision} {layout} local grad")
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("layout", ["dp2_zero2", "dp2_zero3", "tp2_dp2_zero1", "pp2_dp2_zero1"])
+def test_noise_scale_is_the_same_on_every_data_parallel_layout(results, model, layout):
+    """Step 1 (same weights, same batch, same local shares): |G|^2 and tr(Sigma) as on plain dp2."""
+    plain = results(2)[f"{model}-dp2_zero1-fp32"][0]
+    got = results(LAYOUTS[layout][0])[f"{model}-{layout}-fp32"][0]
+    assert (got["gns/b_small"], got["gns/b_big"]) == (plain["gns/b_small"], plain["gns/b_big"]) == (4, 8)
+    # Both estimates are differences of nearly equal norms: compare on the scale of those norms.
+    scale = plain["grad_norm_local"] ** 2
+    for key in ("gns/g2", "gns/trace"):
+        tolerance = 1e-4 * scale * (1 if key == "gns/g2" else 8)
+        assert abs(got[key] - plain[key]) <= tolerance, (key, got[key], plain[key])
