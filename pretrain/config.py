@@ -52,6 +52,9 @@ class ModelConfig:
     # whose index is in local_attention_layers ("odd", "even", "all" or "none").
     local_window: Optional[int] = None
     local_attention_layers: str = "none"
+    # A transformers folder (GPT2LMHeadModel / LlamaForCausalLM) whose weights replace the random
+    # init; the settings above must describe the same architecture (pretrain.import_hf).
+    init_from: Optional[str] = None
     # Reference numbers from the papers, shown in summaries; never used for computation.
     reference_params: Optional[str] = None
     reference_batch_tokens: Optional[int] = None
@@ -106,6 +109,11 @@ class TrainerConfig:
     progress_bar: bool = True
     # Deterministic algorithms where torch offers them (parity tests).
     deterministic: bool = False
+    # An update whose loss is NaN/Inf is skipped (and counted); so is one whose loss exceeds this
+    # factor x the running mean of accepted losses (0: no spike check). See pretrain/faults.py.
+    loss_spike_factor: float = 0.0
+    # Stop, with a checkpoint, after this many skipped updates in a row (0: never).
+    max_consecutive_skips: int = 5
 
 
 @dataclass
@@ -125,10 +133,15 @@ class CheckpointConfig:
 class LoggingConfig:
     interval: int = 1
     plot: bool = True
-    # Log this DP replica's own (pre-reduction) gradient norm from DP rank 0 as grad_norm_local:
-    # the small-batch measurement behind the gradient noise scale.
-    local_grad_norm: bool = False
-    wandb: bool = False
+    # Gradient noise scale from each DP rank's own gradient vs the all-reduced one (pretrain/gns.py).
+    # Costs one fp32 copy of each rank's gradients at pp == 1; also logs DP rank 0's grad_norm_local.
+    gns: bool = True
+    # Drive the batch size by the measured critical batch (GPT-3 chose its ramp this way), between
+    # optim.ramp_start_batch (or micro x dp) and trainer.global_batch_size, after this many estimates.
+    gns_batch_ramp: bool = False
+    gns_ramp_warmup: int = 10
+    # Weights & Biases: online when logged in (WANDB_API_KEY / `wandb login`), else offline in the run dir.
+    wandb: bool = True
     wandb_project: str = "pretrain"
 
 

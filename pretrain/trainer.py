@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import logging
+import math
+import resource
 import time
 from pathlib import Path
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
-from pretrain import checkpoint, compat, distributed
+from pretrain import checkpoint, compat, distributed, faults
 from pretrain.checkpoint import TrainState
 from pretrain.engine import Batch, TrainEngine, apply_sequence_parallel_grad_sync, deepspeed_config
-from pretrain.metrics import MetricsLog, plot_loss
-from pretrain.model.gpt import apply_activation_checkpointing, build_model, canonical_parameters
+from pretrain.callbacks import Callbacks, build_callbacks
+from pretrain.flops import model_flops_per_token, peak_flops
+from pretrain.gns import NoiseScale
+from pretrain.model.gpt import apply_activation_checkpointing, build_model, canonical_parameters, padded_vocab_size
 from pretrain.model.init import apply_init, full_shape
 from pretrain.optim import batch_size_at, build_optimizer, lr_at
 from pretrain.validate import grad_accum_steps, validate
@@ -23,14 +26,19 @@ log = logging.getLogger(__name__)
 
 
 def build_data(cfg: DictConfig, num_train: int, num_eval: int):
-    """(train dataset, validation dataset or None, tokenizer vocab size). Collective."""
+    """(train dataset, {source: validation dataset}, tokenizer vocab size). Collective.
+
+    Validation sets are built only when evaluation is on (trainer.eval_interval > 0).
+    """
     seq, seed = cfg.trainer.seq_length, cfg.trainer.seed
+    evaluate = cfg.trainer.eval_interval > 0
     if cfg.data.name == "synthetic":
         from pretrain.synthetic import SyntheticDataset
 
         vocab = cfg.data.tokenizer.vocab_size
-        return SyntheticDataset(vocab, seq, seed, num_train), SyntheticDataset(vocab, seq, seed + 1, num_eval), vocab
-    from pretrain.data import build_datasets, prepare_data
+        valid = {"synthetic": SyntheticDataset(vocab, seq, seed + 1, num_eval)} if evaluate else {}
+        return SyntheticDataset(vocab, seq, seed, num_train), valid, vocab
+    from pretrain.data import build_datasets, build_eval_datasets, prepare_data
 
     # Rank 0 runs (or reuses) the pipeline first; the others then find every stage cached.
     if dist.get_rank() == 0:
@@ -38,7 +46,8 @@ def build_data(cfg: DictConfig, num_train: int, num_eval: int):
     dist.barrier()
     if dist.get_rank() != 0:
         prepared = prepare_data(cfg.data)
-    train, valid, _ = build_datasets(prepared, cfg.data, seq_length=seq, num_samples=(num_train, num_eval, 0), seed=seed)
+    train, _, _ = build_datasets(prepared, cfg.data, seq_length=seq, num_samples=(num_train, 0, 0), seed=seed)
+    valid = build_eval_datasets(prepared, cfg.data, seq, seed, split="valid", num_samples=num_eval) if evaluate else {}
     return train, valid, prepared.vocab_size
 
 
@@ -87,9 +96,11 @@ class Trainer:
         cfg = self.cfg
         validate(cfg, distributed.world_size_from_env())
         distributed.init_distributed(cfg.parallel)
+        self.stop_request = faults.StopRequest().install()
         try:
             return self._run()
         finally:
+            self.stop_request.uninstall()
             distributed.shutdown(keep_default_group=keep_process_group)
 
     def _setup(self):
@@ -110,6 +121,7 @@ class Trainer:
         num_train = planned_tokens(cfg) // tr.seq_length
         num_eval = tr.eval_iters * tr.micro_batch_size * cfg.parallel.data
         self.train_data, self.valid_data, vocab = build_data(cfg, num_train, max(num_eval, 1))
+        self.gns = NoiseScale()
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = vocab
         elif cfg.model.vocab_size < vocab:
@@ -120,13 +132,21 @@ class Trainer:
 
         model = build_model(cfg.model, cfg.parallel, distributed.topology(cfg.parallel))
         apply_init(model, cfg.model, tr.seed)
+        if cfg.model.init_from:
+            from pretrain.import_hf import apply_init_from
+
+            apply_init_from(model, cfg.model, cfg.model.init_from)
         apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, cfg.parallel.checkpoint_every)
         apply_sequence_parallel_grad_sync(model)
         self.num_params = count_parameters(model)
         optimizer = build_optimizer(model, cfg.optim)
+        self.gate = faults.UpdateGate(optimizer, tr.loss_spike_factor)  # before DeepSpeed wraps the optimizer
         ds_config = deepspeed_config(cfg.parallel, tr, cfg.optim, grad_accum_steps(cfg))
-        self.engine = TrainEngine(model, optimizer, ds_config, cfg.parallel, tap_local_grads=cfg.logging.local_grad_norm)
+        self.engine = TrainEngine(model, optimizer, ds_config, cfg.parallel, tap_local_grads=cfg.logging.gns)
+        self.flops_per_token = model_flops_per_token(cfg.model, tr.seq_length, padded_vocab_size(cfg.model))
+        self.peak_flops, self.peak_source = peak_flops(tr.precision)
 
+        self.gate.attach(self.engine)
         self.ckpt_dir = cfg.checkpoint.dir or str(self.run_dir / "checkpoints")
         self.state = TrainState()
         resume = cfg.checkpoint.resume
@@ -139,29 +159,67 @@ class Trainer:
                 self.state = loaded
                 if self.ranks.logs:
                     log.info("resumed from %s at step %d (%d tokens)", source, loaded.step, loaded.tokens)
+        self.gate.reference = self.state.loss_average
+
+    def _start_logging(self) -> Callbacks:
+        cfg = self.cfg
+        if not self.ranks.logs:
+            return Callbacks([])
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        log.info(
+            "model %s: %.2fM parameters, %.3g FLOPs/token | layout tp=%d pp=%d dp=%d zero=%d | %s | run dir %s",
+            cfg.model.name, self.num_params / 1e6, self.flops_per_token, cfg.parallel.tensor, cfg.parallel.pipeline,
+            cfg.parallel.data, cfg.parallel.zero_stage, cfg.trainer.precision, self.run_dir,
+        )
+        return build_callbacks(cfg, self.run_dir, cfg.trainer.max_steps)
+
+    def _batch_size(self) -> int:
+        """This step's global batch (sequences): the token ramp, or the measured critical batch."""
+        cfg, tr = self.cfg, self.cfg.trainer
+        increment = tr.micro_batch_size * cfg.parallel.data
+        batch = batch_size_at(self.state.tokens, cfg.optim, tr.global_batch_size, increment)
+        critical = self.gns_critical_batch
+        if cfg.logging.gns_batch_ramp and critical is not None and self.gns.updates >= cfg.logging.gns_ramp_warmup:
+            low = cfg.optim.ramp_start_batch or increment
+            batch = max(low, min(tr.global_batch_size, int(critical) // increment * increment))
+        return batch
+
+    def _step_metrics(self, result, batch: int, seconds: float) -> dict:
+        """Throughput, MFU, memory, noise scale. Collective (every rank calls it every step)."""
+        tr = self.cfg.trainer
+        tokens_per_s = batch * tr.seq_length / seconds
+        achieved = tokens_per_s * self.flops_per_token
+        world = dist.get_world_size()
+        metrics = {
+            "tokens_per_s": tokens_per_s,
+            "model_tflops_per_s": achieved / 1e12,
+            # MFU per device: the job's model FLOP/s over world_size devices' peak.
+            "mfu": achieved / (self.peak_flops * world),
+            "peak_memory_gb": peak_memory_gb(),
+        }
+        if result.fwd_bwd_s is not None:
+            metrics["fwd_bwd_time_s"] = result.fwd_bwd_s
+            metrics["optimizer_time_s"] = result.optimizer_s
+        if result.local_grad_sq_norm is not None:
+            metrics["grad_norm_local"] = result.local_grad_sq_norm ** 0.5
+        if result.small_batch is not None and result.small_batch < batch:
+            metrics.update(self.gns.update(result.small_batch_sq_norm, result.grad_norm**2, result.small_batch, batch, tr.seq_length))
+            self.gns_critical_batch = metrics.get("gns/simple")
+        return metrics
 
     def _run(self) -> TrainState:
         self._setup()
         cfg, tr, state = self.cfg, self.cfg.trainer, self.state
-        logs = self.ranks.logs
-        metrics = None
-        if logs:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-            metrics = MetricsLog(self.run_dir)
-            log.info(
-                "model %s: %.2fM parameters | layout tp=%d pp=%d dp=%d zero=%d | %s | run dir %s",
-                cfg.model.name, self.num_params / 1e6, cfg.parallel.tensor, cfg.parallel.pipeline,
-                cfg.parallel.data, cfg.parallel.zero_stage, tr.precision, self.run_dir,
-            )
+        callbacks = self._start_logging()
         total_tokens = planned_tokens(cfg)
-        increment = tr.micro_batch_size * cfg.parallel.data
         last_step = tr.max_steps if cfg.checkpoint.stop_after is None else min(tr.max_steps, cfg.checkpoint.stop_after)
-        bar = tqdm(total=tr.max_steps, initial=state.step, disable=not (logs and tr.progress_bar), desc="train", dynamic_ncols=True)
+        self.gns_critical_batch = None
         saved_at = None
         try:
+            callbacks.on_train_start(state)
             while state.step < last_step:
-                batch = batch_size_at(state.tokens, cfg.optim, tr.global_batch_size, increment)
+                batch = self._batch_size()
                 self.engine.set_global_batch(batch)
                 lr = lr_at(state.tokens + batch * tr.seq_length, cfg.optim, total_tokens)
                 self.engine.set_lr(lr)
@@ -169,6 +227,7 @@ class Trainer:
                 batches = micro_batches(self.train_data, state.consumed_samples, batch, tr.micro_batch_size, self.ranks)
                 t1 = time.perf_counter()
                 result = self.engine.train_step(batches)
+                self._count_skip(self.gate.take_result(), result.loss)
                 t2 = time.perf_counter()
                 state.step += 1
                 state.consumed_samples += batch
@@ -176,31 +235,75 @@ class Trainer:
                 record = {
                     "step": state.step, "tokens": state.tokens, "loss": result.loss, "lr": lr,
                     "grad_norm": result.grad_norm, "batch_size": batch,
-                    "tokens_per_s": batch * tr.seq_length / (t2 - t0),
                     "step_time_s": t2 - t0, "data_time_s": t1 - t0,
                 }
-                if result.local_grad_sq_norm is not None:
-                    record["grad_norm_local"] = result.local_grad_sq_norm ** 0.5
-                if tr.eval_interval and state.step % tr.eval_interval == 0 and self.valid_data is not None:
-                    record["val_loss"] = self.evaluate()
-                if logs and (state.step % cfg.logging.interval == 0 or "val_loss" in record):
-                    metrics.write(record)
-                bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-                bar.update(1)
+                record.update(self._step_metrics(result, batch, t2 - t0))
+                if tr.eval_interval and state.step % tr.eval_interval == 0 and self.valid_data:
+                    record.update(self.evaluate())
+                    callbacks.on_eval(record)
+                callbacks.on_step(record)
                 if cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0:
-                    checkpoint.save(self.engine, self.ckpt_dir, state, cfg.checkpoint.keep_last)
+                    callbacks.on_checkpoint(checkpoint.save(self.engine, self.ckpt_dir, state, cfg.checkpoint.keep_last), state.step)
                     saved_at = state.step
+                stop = self._stop_reason()
+                if stop is not None:
+                    if saved_at != state.step:
+                        callbacks.on_checkpoint(checkpoint.save(self.engine, self.ckpt_dir, state, cfg.checkpoint.keep_last), state.step)
+                    if self.ranks.logs:
+                        log.error("%s; state saved in %s at step %d", stop[1], self.ckpt_dir, state.step)
+                    raise SystemExit(stop[0])
             if cfg.checkpoint.save_final and saved_at != state.step and state.step > 0:
-                checkpoint.save(self.engine, self.ckpt_dir, state, cfg.checkpoint.keep_last)
+                callbacks.on_checkpoint(checkpoint.save(self.engine, self.ckpt_dir, state, cfg.checkpoint.keep_last), state.step)
+        except BaseException as error:
+            callbacks.on_error(error)
+            raise
         finally:
-            bar.close()
-            if metrics is not None:
-                metrics.close()
-        if logs and cfg.logging.plot:
-            plot_loss(self.run_dir)
+            callbacks.close()
         return state
 
-    def evaluate(self) -> float:
+    def _count_skip(self, reason, loss: float) -> None:
+        """Count an update the gate skipped, or fold an applied step's loss into the running mean."""
+        state = self.state
+        if reason is None:
+            state.consecutive_skips = 0
+            state.loss_average = faults.update_running_mean(state.loss_average, loss)
+            self.gate.reference = state.loss_average
+            return
+        state.skipped_steps += 1
+        state.consecutive_skips += 1
+        if self.ranks.logs:
+            log.warning("step %d: update skipped (%s); %d in a row, %d in total",
+                        state.step + 1, reason, state.consecutive_skips, state.skipped_steps)
+
+    def _stop_reason(self):
+        """(exit code, message) if the run must stop now, else None. Collective: every rank, every step."""
+        received = self.stop_request.agreed()
+        if received is not None:
+            return faults.EXIT_STOPPED, f"received {received}: stopping; run again to resume"
+        limit = self.cfg.trainer.max_consecutive_skips
+        if limit and self.state.consecutive_skips >= limit:
+            return faults.EXIT_DIVERGED, (
+                f"{self.state.consecutive_skips} updates in a row were skipped for a bad loss "
+                f"(trainer.max_consecutive_skips={limit}); lower the learning rate or check the data")
+        return None
+
+    def evaluate(self) -> dict:
+        """Validation loss and perplexity per source and their mean. Collective."""
         tr = self.cfg.trainer
         num = tr.eval_iters * tr.micro_batch_size * self.ranks.dp_size
-        return self.engine.eval_loss(micro_batches(self.valid_data, 0, num, tr.micro_batch_size, self.ranks))
+        metrics = {}
+        for source, dataset in self.valid_data.items():
+            loss = self.engine.eval_loss(micro_batches(dataset, 0, num, tr.micro_batch_size, self.ranks))
+            metrics[f"val/{source}/loss"] = loss
+            metrics[f"val/{source}/ppl"] = math.exp(min(loss, 50.0))
+        losses = [v for k, v in metrics.items() if k.endswith("/loss")]
+        metrics["val_loss"] = sum(losses) / len(losses)
+        metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+        return metrics
+
+
+def peak_memory_gb() -> float:
+    """This process's peak memory: allocated CUDA memory on GPU, resident set size on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
