@@ -111,6 +111,8 @@ class Attention(nn.Module):
         self.group = cfg.num_attention_heads // kv_heads
         self.cfg = cfg
         self.window = _window_for_layer(cfg, layer_index)
+        self.layer_index = layer_index
+        self.kv_cache = None  # set for incremental decoding (pretrain.generate); training never uses it
         self.qkv = tensor_parallel.ColumnParallelLinear(
             cfg.hidden_size,
             kv_heads * (self.group + 2) * self.head_dim,
@@ -141,7 +143,11 @@ class Attention(nn.Module):
             cos, sin = rope
             q, k = attn_ops.apply_rotary(q, k, cos.to(q.dtype), sin.to(q.dtype), self.cfg.attention_backend)
         dropout = self.cfg.attention_dropout if self.training else 0.0
-        if dropout > 0.0:
+        if self.kv_cache is not None:
+            past = self.kv_cache.length
+            k, v = self.kv_cache.append(self.layer_index, k, v)  # (b, kv heads, past + s, d)
+            out = _attention_after_prefix(q, k, v, past, self.window)
+        elif dropout > 0.0:
             with tensor_parallel.get_cuda_rng_tracker().fork():  # heads differ per TP rank
                 out = attn_ops.attention(q, k, v, self.window, dropout, self.cfg.attention_backend)
         else:
@@ -149,6 +155,14 @@ class Attention(nn.Module):
         out = out.permute(2, 0, 1, 3).reshape(s, b, -1)  # (s, b, heads * d)
         out, _ = self.proj(out)
         return out
+
+
+def _attention_after_prefix(q, k, v, past: int, window: Optional[int]) -> torch.Tensor:
+    """q (b, h, s, d) at positions past .. past + s - 1 over keys (b, hkv, past + s, d); no dropout."""
+    i = torch.arange(past, past + q.shape[2], device=q.device)[:, None]
+    j = torch.arange(k.shape[2], device=q.device)[None, :]
+    allowed = (j <= i) if window is None else (j <= i) & (j > i - window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def head_dim(cfg: ModelConfig) -> int:
@@ -230,10 +244,12 @@ class Block(nn.Module):
     def _rope_tables(self, x):
         if self.cfg.position_embedding != "rope":
             return None
-        seq = x.shape[0] * self._seq_factor
-        if self._rope is None or self._rope[0].shape[0] != seq or self._rope[0].device != x.device:
+        past = 0 if self.attn.kv_cache is None else self.attn.kv_cache.length
+        seq = x.shape[0] * self._seq_factor + past
+        if self._rope is None or self._rope[0].shape[0] < seq or self._rope[0].device != x.device:
             self._rope = rope_cos_sin(seq, self.attn.head_dim, self.cfg.rope_theta, x.device)
-        return self._rope
+        cos, sin = self._rope
+        return cos[past:seq], sin[past:seq]
 
     def _forward(self, x):
         rope = self._rope_tables(x)
@@ -284,10 +300,12 @@ class EmbeddingOutput(nn.Module):
         self.pos = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.position_embedding == "learned" else None
         self.sequence_parallel = mp.sequence_parallel
         self.dropout = Dropout(cfg.hidden_dropout, mp.sequence_parallel)
+        self.kv_cache = None  # incremental decoding: positions continue after the cached tokens
 
     def forward(self, x):  # x: [b, s, h]
         if self.pos is not None:
-            x = x + self.pos(torch.arange(x.shape[1], device=x.device))
+            start = 0 if self.kv_cache is None else self.kv_cache.length
+            x = x + self.pos(torch.arange(start, start + x.shape[1], device=x.device))
         x = x.transpose(0, 1).contiguous()  # (s, b, h)
         if self.sequence_parallel:
             x = tensor_parallel.scatter_to_sequence_parallel_region(x)

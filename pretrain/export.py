@@ -1,0 +1,353 @@
+"""Export a pretrain checkpoint to a Hugging Face transformers model folder.
+
+    python -m pretrain.export CKPT_DIR OUT_DIR [--tag stepXXXXXXXX] [--config RUN/config.yaml]
+
+CKPT_DIR is a run directory, its ``checkpoints`` folder, or one tag folder inside it. The
+checkpoint may come from any layout (tp, pp, dp, ZeRO 0-3): ``consolidate`` reads the files
+DeepSpeed wrote, takes the fp32 master weights (from the ZeRO partitions when the module copy is
+not them), gathers tensor-parallel shards and returns full tensors under canonical names
+(``blocks.3.attn.qkv.weight``). ``to_hf`` maps those to ``GPT2LMHeadModel`` or
+``LlamaForCausalLM``; settings transformers cannot represent are refused by name.
+
+Runs in one process without process groups; no GPU needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+# How each TP-split parameter is sharded: canonical-name suffix -> partition dim. Mirrors the
+# column/row choices in model/layers.py (SwiGLU's fc1 additionally uses stride 2).
+TP_PLAN = {
+    "embed.word.weight": 0,
+    "attn.qkv.weight": 0,
+    "attn.qkv.bias": 0,
+    "attn.proj.weight": 1,
+    "mlp.fc1.weight": 0,
+    "mlp.fc1.bias": 0,
+    "mlp.fc2.weight": 1,
+    "output.linear.weight": 0,
+}
+
+
+class ExportError(ValueError):
+    """The checkpoint or its settings cannot be exported; the message names the cause."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the checkpoint and its config
+
+
+def locate(path: str, tag: Optional[str] = None, config: Optional[str] = None) -> tuple[DictConfig, Path, str]:
+    """(resolved run config, checkpoint dir, tag) for a run dir, checkpoints dir or tag dir."""
+    path = Path(path).resolve()
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    if not (path / "latest").is_file() and (path.parent / "latest").is_file() and tag is None:
+        path, tag = path.parent, path.name
+    if tag is None:
+        if not (path / "latest").is_file():
+            raise ExportError(f"{path}: no 'latest' file; pass a pretrain checkpoint directory or --tag")
+        tag = (path / "latest").read_text().strip()
+    if not (path / tag).is_dir():
+        raise ExportError(f"{path}/{tag}: no such checkpoint")
+    config_path = Path(config) if config else path.parent / "config.yaml"
+    if not config_path.is_file():
+        raise ExportError(f"{config_path}: resolved run config not found; pass --config RUN_DIR/config.yaml")
+    return OmegaConf.load(config_path), path, tag
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading DeepSpeed's files
+
+
+def _canonical_layer_names(model_cfg) -> list[Optional[str]]:
+    """canonical name of each entry of ``layer_specs`` (None: the tied embedding's second use)."""
+    names = ["embed", "embed_out"] + [f"blocks.{i}" for i in range(model_cfg.num_layers)] + ["final_norm"]
+    names.append(None if model_cfg.tie_embeddings else "output")
+    return names
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _zero_fp32(tag_dir: Path, mp_rank: int, stage: int) -> dict:
+    """fp32 masters of one model-parallel rank via DeepSpeed's zero_to_fp32 (which reads mp rank 0
+    only): present that rank's files to it under rank-0 names."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        view = Path(tmp) / "tag"
+        view.mkdir()
+        suffix = f"mp_rank_{mp_rank:02d}_"
+        for f in tag_dir.glob(f"*{suffix}*.pt"):
+            (view / f.name.replace(suffix, "mp_rank_00_")).symlink_to(f)
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints per-group shapes
+            sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag="tag")
+    return {k: v for k, v in sd.items()}
+
+
+def _rank_state(tag_dir: Path, model_cfg, tp_rank: int, pipeline: bool, zero_stage: int, bf16: bool) -> dict:
+    """{canonical name: tensor} of one TP rank (every pipeline stage)."""
+    layer_names = _canonical_layer_names(model_cfg)
+    out = {}
+    if pipeline:
+        if bf16:
+            raise ExportError(
+                "exporting bf16 pipeline-parallel checkpoints is not supported: their fp32 masters live in "
+                "BF16_Optimizer files; export from a pp=1 run or train in fp32"
+            )
+        for idx, name in enumerate(layer_names):
+            f = tag_dir / f"layer_{idx:02d}-model_{tp_rank:02d}-model_states.pt"
+            if name is None or not f.is_file():
+                continue
+            for k, v in _load(f).items():
+                if torch.is_tensor(v):
+                    out[f"{name}.{k}"] = v
+        return out
+    if zero_stage >= 1 or bf16:
+        if bf16 and zero_stage < 2 and not list(tag_dir.glob("zero_pp_rank_*_optim_states.pt")):
+            raise ExportError(
+                "this bf16 checkpoint was written by DeepSpeed's BF16_Optimizer (ZeRO-1 with fp32 gradient "
+                "accumulation), whose master weights export does not read yet; use ZeRO-2/3 or fp32"
+            )
+        module = _zero_fp32(tag_dir, tp_rank, zero_stage)
+    else:
+        module = _load(tag_dir / f"mp_rank_{tp_rank:02d}_model_states.pt")["module"]
+    for k, v in module.items():
+        m = re.match(r"layers\.(\d+)\.(.*)", k)
+        if m is None or not torch.is_tensor(v):
+            continue
+        out[f"{layer_names[int(m.group(1))]}.{m.group(2)}"] = v
+    return out
+
+
+def _tp_dim(name: str) -> Optional[int]:
+    for suffix, dim in TP_PLAN.items():
+        if name == suffix or name.endswith("." + suffix):
+            return dim
+    return None
+
+
+def gather_tp(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """Inverse of ``init.shard``: rank r holds chunk r of each of ``stride`` stacked parts."""
+    parts = [s.chunk(stride, dim=dim) for s in shards]
+    return torch.cat([torch.cat([p[j] for p in parts], dim=dim) for j in range(stride)], dim=dim)
+
+
+def consolidate(cfg: DictConfig, ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 tensors under canonical names from a checkpoint of any layout."""
+    tag_dir = Path(ckpt_dir) / tag
+    par = cfg.parallel
+    ds_config = _ds_config(tag_dir)
+    zero_stage = ds_config["zero_optimization"]["stage"]
+    bf16 = ds_config.get("bf16", {}).get("enabled", False)
+    ranks = [_rank_state(tag_dir, cfg.model, r, par.pipeline > 1, zero_stage, bf16) for r in range(par.tensor)]
+    stride = 2 if cfg.model.activation == "swiglu" else 1
+    full = {}
+    for name in ranks[0]:
+        dim = _tp_dim(name)
+        shards = [r[name] for r in ranks]
+        if dim is None or par.tensor == 1:
+            full[name] = shards[0]
+        else:
+            full[name] = gather_tp(shards, dim, stride if ".mlp.fc1." in name else 1)
+        full[name] = full[name].float().contiguous()
+    return full
+
+
+def _ds_config(tag_dir: Path) -> dict:
+    for pattern in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        f = tag_dir / pattern
+        if f.is_file():
+            return _load(f)["ds_config"]
+    raise ExportError(f"{tag_dir}: no DeepSpeed model-states file; is this a pretrain checkpoint?")
+
+
+# ---------------------------------------------------------------------------------------------
+# Canonical tensors -> transformers
+
+
+def _family(m) -> str:
+    """'gpt2' or 'llama'; raises naming every knob transformers cannot represent."""
+    problems = []
+    if m.parallel_block:
+        problems.append("model.parallel_block=true (PaLM-style parallel attention/MLP)")
+    if m.local_window is not None and m.local_attention_layers != "none":
+        problems.append(f"model.local_window={m.local_window} with local_attention_layers={m.local_attention_layers}")
+    gpt2 = (m.norm, m.position_embedding, m.activation) == ("layernorm", "learned", "gelu")
+    llama = (m.norm, m.position_embedding, m.activation) == ("rmsnorm", "rope", "swiglu")
+    if not (gpt2 or llama):
+        problems.append(
+            f"model.norm={m.norm}, model.position_embedding={m.position_embedding}, model.activation={m.activation} "
+            "(GPT-2 needs layernorm+learned+gelu, LLaMA rmsnorm+rope+swiglu)"
+        )
+    if gpt2:
+        if not m.bias:
+            problems.append("model.bias=false (GPT-2 has biases everywhere)")
+        if m.num_kv_heads not in (None, m.num_attention_heads):
+            problems.append(f"model.num_kv_heads={m.num_kv_heads} (GPT-2 has no grouped-query attention)")
+        if m.head_dim not in (None, m.hidden_size // m.num_attention_heads):
+            problems.append(f"model.head_dim={m.head_dim} (GPT-2 needs hidden_size / num_attention_heads)")
+    if problems:
+        raise ExportError("transformers cannot represent this model: " + "; ".join(problems))
+    return "gpt2" if gpt2 else "llama"
+
+
+def _dims(m):
+    from pretrain.model.gpt import padded_vocab_size
+    from pretrain.model.layers import ffn_hidden_size, head_dim
+
+    heads = m.num_attention_heads
+    kv = m.num_kv_heads or heads
+    return padded_vocab_size(m), head_dim(m), heads, kv, ffn_hidden_size(m)
+
+
+def hf_config(m, eos_id: Optional[int] = None):
+    """The transformers config for model config ``m`` (a ModelConfig / DictConfig)."""
+    from transformers import GPT2Config, LlamaConfig
+
+    vocab, d, heads, kv, ffn = _dims(m)
+    common = dict(vocab_size=vocab, tie_word_embeddings=bool(m.tie_embeddings), bos_token_id=eos_id, eos_token_id=eos_id)
+    if _family(m) == "gpt2":
+        return GPT2Config(
+            n_positions=m.max_position_embeddings, n_embd=m.hidden_size, n_layer=m.num_layers, n_head=heads,
+            n_inner=ffn, activation_function="gelu_new", layer_norm_epsilon=m.norm_eps,
+            resid_pdrop=m.hidden_dropout, embd_pdrop=m.hidden_dropout, attn_pdrop=m.attention_dropout, **common,
+        )
+    return LlamaConfig(
+        hidden_size=m.hidden_size, intermediate_size=ffn, num_hidden_layers=m.num_layers,
+        num_attention_heads=heads, num_key_value_heads=kv, head_dim=d, max_position_embeddings=m.max_position_embeddings,
+        rms_norm_eps=m.norm_eps, rope_theta=m.rope_theta, attention_bias=bool(m.bias), mlp_bias=bool(m.bias),
+        hidden_act="silu", attention_dropout=m.attention_dropout, **common,
+    )
+
+
+def _split_qkv(t: torch.Tensor, kv: int, group: int, d: int):
+    """Our fused rows [kv, group + 2, d] -> q [kv * group * d], k [kv * d], v [kv * d] (+ trailing dims)."""
+    t = t.reshape(kv, group + 2, d, *t.shape[1:])
+    rest = t.shape[3:]
+    return t[:, :group].reshape(-1, *rest), t[:, group].reshape(-1, *rest), t[:, group + 1].reshape(-1, *rest)
+
+
+def to_hf(m, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Canonical full tensors -> transformers state dict (GPT2LMHeadModel or LlamaForCausalLM)."""
+    family = _family(m)
+    vocab, d, heads, kv, ffn = _dims(m)
+    group = heads // kv
+    out = {}
+    if family == "gpt2":
+        out["transformer.wte.weight"] = sd["embed.word.weight"]
+        out["transformer.wpe.weight"] = sd["embed_out.pos.weight"]
+        for i in range(m.num_layers):
+            b, h = f"blocks.{i}.", f"transformer.h.{i}."
+            for ours, theirs in (("ln1", "ln_1"), ("ln2", "ln_2")):
+                out[h + theirs + ".weight"] = sd[b + ours + ".weight"]
+                out[h + theirs + ".bias"] = sd[b + ours + ".bias"]
+            # Conv1D stores weights transposed; c_attn's columns are [all q | all k | all v].
+            out[h + "attn.c_attn.weight"] = torch.cat(_split_qkv(sd[b + "attn.qkv.weight"], kv, group, d)).t()
+            out[h + "attn.c_attn.bias"] = torch.cat(_split_qkv(sd[b + "attn.qkv.bias"], kv, group, d))
+            for ours, theirs in (("attn.proj", "attn.c_proj"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+                out[h + theirs + ".weight"] = sd[b + ours + ".weight"].t()
+                out[h + theirs + ".bias"] = sd[b + ours + ".bias"]
+        out["transformer.ln_f.weight"] = sd["final_norm.norm.weight"]
+        out["transformer.ln_f.bias"] = sd["final_norm.norm.bias"]
+        if not m.tie_embeddings:
+            out["lm_head.weight"] = sd["output.linear.weight"]
+        return {k: v.contiguous() for k, v in out.items()}
+
+    out["model.embed_tokens.weight"] = sd["embed.word.weight"]
+    for i in range(m.num_layers):
+        b, h = f"blocks.{i}.", f"model.layers.{i}."
+        out[h + "input_layernorm.weight"] = sd[b + "ln1.weight"]
+        out[h + "post_attention_layernorm.weight"] = sd[b + "ln2.weight"]
+        names = ["weight"] + (["bias"] if m.bias else [])
+        for p in names:
+            q, k, v = _split_qkv(sd[b + "attn.qkv." + p], kv, group, d)
+            out[h + "self_attn.q_proj." + p], out[h + "self_attn.k_proj." + p], out[h + "self_attn.v_proj." + p] = q, k, v
+            out[h + "self_attn.o_proj." + p] = sd[b + "attn.proj." + p]
+            gate, up = sd[b + "mlp.fc1." + p].chunk(2, dim=0)
+            out[h + "mlp.gate_proj." + p], out[h + "mlp.up_proj." + p] = gate, up
+            out[h + "mlp.down_proj." + p] = sd[b + "mlp.fc2." + p]
+    out["model.norm.weight"] = sd["final_norm.norm.weight"]
+    if not m.tie_embeddings:
+        out["lm_head.weight"] = sd["output.linear.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def tokenizer_file(cfg: DictConfig) -> Optional[str]:
+    """The run's HF tokenizers JSON (a cache hit of the data pipeline), or None for synthetic data."""
+    if cfg.data.name == "synthetic":
+        return None
+    from pretrain.data import prepare_data
+
+    return prepare_data(cfg.data).tokenizer_file
+
+
+def save_tokenizer(path: str, out_dir: Path, eod_token: str, vocab_size: int) -> int:
+    """Write tokenizer.json + tokenizer_config.json; returns the end-of-text id."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=path, bos_token=eod_token, eos_token=eod_token, unk_token=eod_token)
+    if len(tok) > vocab_size:
+        raise ExportError(f"the tokenizer has {len(tok)} tokens but the model only {vocab_size} (model.vocab_size)")
+    tok.save_pretrained(out_dir)
+    return tok.convert_tokens_to_ids(eod_token)
+
+
+def save_hf(m, sd_canonical: dict, out_dir: Path, tokenizer: Optional[str] = None, eod_token: str = "<|endoftext|>") -> None:
+    """Write config.json, model.safetensors and (if given) the tokenizer files to out_dir."""
+    from safetensors.torch import save_file
+
+    m = OmegaConf.create(OmegaConf.to_container(m, resolve=True)) if not isinstance(m, DictConfig) else m
+    hf_sd = to_hf(m, sd_canonical)  # refuses unsupported models before anything is written
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    eos = save_tokenizer(tokenizer, out_dir, eod_token, m.vocab_size) if tokenizer else None
+    config = hf_config(m, eos)
+    config.torch_dtype = "float32"
+    config.save_pretrained(out_dir)
+    if m.tie_embeddings:  # transformers re-ties lm_head on load; safetensors refuses shared storage
+        hf_sd = {k: v for k, v in hf_sd.items() if k != "lm_head.weight"}
+    save_file(hf_sd, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "pretrain_model.json").write_text(json.dumps(OmegaConf.to_container(m, resolve=True), indent=1))
+
+
+def export(ckpt: str, out_dir: str, tag: Optional[str] = None, config: Optional[str] = None) -> Path:
+    cfg, ckpt_dir, tag = locate(ckpt, tag, config)
+    _family(cfg.model)  # refuse before reading the weights
+    sd = consolidate(cfg, ckpt_dir, tag)
+    eod = cfg.data.tokenizer.get("eod_token", "<|endoftext|>") if "tokenizer" in cfg.data else "<|endoftext|>"
+    save_hf(cfg.model, sd, Path(out_dir), tokenizer_file(cfg), eod)
+    return Path(out_dir)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="run dir, its checkpoints dir, or a tag dir")
+    parser.add_argument("out_dir")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' one)")
+    parser.add_argument("--config", default=None, help="the run's config.yaml if not beside the checkpoints dir")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        out = export(args.checkpoint, args.out_dir, args.tag, args.config)
+    except ExportError as err:
+        raise SystemExit(f"export: {err}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
