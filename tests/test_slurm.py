@@ -1,0 +1,218 @@
+"""Against a real single-node Slurm (Debian's munge + slurmctld + slurmd on loopback), started here.
+
+The fixture apt-get installs the packages when they are missing (CI runs as root) and fails with a
+clear message when it cannot start Slurm. Jobs are rendered by `python -m pretrain.launch slurm`.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import REPO, child_env
+
+pytestmark = pytest.mark.distributed
+
+SLURM_CONF = """ClusterName=pretrain-test
+SlurmctldHost=localhost(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+AuthType=auth/munge
+AuthInfo=cred_expire=5
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerParameters=sched_interval=2,bf_interval=2
+MailProg=/bin/true
+MinJobAge=3600
+KillWait=60
+ReturnToService=2
+SlurmUser=root
+SlurmdUser=root
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.log
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=2 RealMemory=20000 State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+"""
+
+TRAIN = ["parallel=dp2", "data=synthetic", "model=tiny-gpt", "model.hidden_size=64", "trainer.seq_length=32",
+         "trainer.micro_batch_size=2", "trainer.global_batch_size=4", "trainer.progress_bar=false",
+         "logging.plot=false", "logging.wandb=false", "trainer.eval_interval=0"]
+
+
+def _fail(message):
+    pytest.fail(f"cannot start the test Slurm: {message}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    if os.geteuid() != 0:
+        _fail("the Slurm tests install and start munge/slurmctld/slurmd and must run as root")
+    if not all(shutil.which(b) for b in ("sbatch", "slurmctld", "slurmd", "munged")):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "munge", "slurm-wlm", "slurm-client"]):
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                _fail(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    root = tmp_path_factory.mktemp("slurm")
+    for sub in ("state", "spool"):
+        (root / sub).mkdir()
+    conf = root / "slurm.conf"
+    conf.write_text(SLURM_CONF.format(root=root, ctld_port=6917, d_port=6918))
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    if not Path("/etc/munge/munge.key").is_file():
+        subprocess.run(["mungekey", "--create"], check=False)
+        subprocess.run(["chown", "munge:munge", "/etc/munge/munge.key"], check=False)
+    subprocess.run(["install", "-d", "-o", "munge", "-g", "munge", "/run/munge"], check=True)
+    started_munge = subprocess.run(["munge", "-n"], capture_output=True).returncode != 0
+    if started_munge:
+        subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
+    try:
+        _start_daemons(root, env)
+        yield env
+    finally:
+        _stop_daemons(root, env, started_munge)
+
+
+def _start_daemons(root, env):
+    for daemon in ("slurmctld", "slurmd"):
+        proc = subprocess.run([daemon], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            log = root / f"{daemon}.log"
+            _fail(f"{daemon} exited {proc.returncode}: {proc.stderr[-2000:]}{log.read_text()[-2000:] if log.exists() else ''}")
+    deadline = time.monotonic() + 60
+    while True:
+        state = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True).stdout.strip()
+        if state in ("idle", "mix", "alloc"):
+            return
+        if time.monotonic() > deadline:
+            logs = "".join((root / f).read_text()[-1500:] for f in ("slurmctld.log", "slurmd.log") if (root / f).exists())
+            _fail(f"node state {state!r} after 60 s\n{logs}")
+        time.sleep(1)
+
+
+def _stop_daemons(root, env, started_munge):
+    pids = [(root / f).read_text().strip() for f in ("slurmd.pid", "slurmctld.pid") if (root / f).is_file()]
+    subprocess.run(["scontrol", "shutdown"], env=env, capture_output=True)
+    for pid in pids:
+        for _ in range(50):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.2)
+        else:
+            os.kill(int(pid), 15)  # a daemon that never reached the controller
+    if started_munge:
+        subprocess.run(["/usr/sbin/munged", "-s"], capture_output=True)  # stops the daemon via its socket
+
+
+def _submit(slurm, tmp_path, name, *overrides) -> str:
+    script = tmp_path / f"{name}.sbatch"
+    runs = tmp_path / "runs"
+    runs.mkdir(exist_ok=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain.launch", "slurm", "cluster=local-cpu", f"cluster.workdir={REPO}",
+         f"cluster.python={sys.executable}", f"cluster.runs_dir={runs}", f"cluster.job_name={name}",
+         *TRAIN, *overrides, "--dry-run", "--output", str(script)],
+        env={**child_env(), **slurm}, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job = subprocess.run(["sbatch", "--parsable", str(script)], env={**child_env(), **slurm},
+                         capture_output=True, text=True, check=True, cwd=tmp_path).stdout.strip()
+    return job
+
+
+def _job(slurm, job) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=slurm, capture_output=True, text=True).stdout
+    return dict(f.split("=", 1) for f in out.split() if "=" in f)
+
+
+def _wait_state(slurm, job, states, timeout=300):
+    deadline = time.monotonic() + timeout
+    while True:
+        info = _job(slurm, job)
+        if info.get("JobState") in states:
+            return info
+        assert time.monotonic() < deadline, f"job {job} still {info.get('JobState')} after {timeout} s"
+        time.sleep(1)
+
+
+def _metrics(tmp_path, name, job) -> list:
+    path = tmp_path / "runs" / f"{name}-{job}" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _log(tmp_path, name, job) -> str:
+    path = tmp_path / "runs" / f"{name}-{job}.out"
+    return path.read_text() if path.is_file() else ""
+
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def completed(slurm, tmp_path_factory):
+    """An uninterrupted job: (records, log, final job info); also the reference for the requeue test."""
+    tmp = tmp_path_factory.mktemp("complete")
+    job = _submit(slurm, tmp, "complete", f"trainer.max_steps={STEPS}")
+    info = _wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    return _metrics(tmp, "complete", job), _log(tmp, "complete", job), info, tmp / "runs" / f"complete-{job}"
+
+
+def test_sbatch_job_completes_and_trains(completed):
+    records, log, info, run_dir = completed
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step{STEPS:08d}"
+
+
+def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes_to_the_same_losses(slurm, completed, tmp_path):
+    job = _submit(slurm, tmp_path, "requeue", f"trainer.max_steps={STEPS}")
+    _wait_state(slurm, job, {"RUNNING"})
+    deadline = time.monotonic() + 240
+    while len(_metrics(tmp_path, "requeue", job)) < 3:
+        assert time.monotonic() < deadline, _log(tmp_path, "requeue", job)[-4000:]
+        time.sleep(0.5)
+    # What --signal=B:USR1@N sends before the time limit.
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm, check=True)
+    info = _wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600)
+    log = _log(tmp_path, "requeue", job)
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert int(info["Restarts"]) == 1, log[-4000:]
+    assert "requeueing job" in log and "received SIGUSR1: stopping" in log
+    records = _metrics(tmp_path, "requeue", job)
+    stopped = int(log.split("state saved in")[1].split("at step ")[1].split()[0])
+    assert 3 <= stopped < STEPS, "the job must have been interrupted mid-run"
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1)), "resumed exactly where it stopped"
+    assert [r["loss"] for r in records] == [r["loss"] for r in completed[0]], "fp32: identical to the uninterrupted job"
+
+
+def test_scancel_makes_the_ranks_save_an_intact_checkpoint(slurm, tmp_path):
+    job = _submit(slurm, tmp_path, "cancel", "trainer.max_steps=400")
+    _wait_state(slurm, job, {"RUNNING"})
+    deadline = time.monotonic() + 240
+    while len(_metrics(tmp_path, "cancel", job)) < 2:
+        assert time.monotonic() < deadline, _log(tmp_path, "cancel", job)[-4000:]
+        time.sleep(0.5)
+    subprocess.run(["scancel", job], env=slurm, check=True)
+    info = _wait_state(slurm, job, {"CANCELLED", "FAILED", "COMPLETED"}, timeout=120)
+    assert info["JobState"] == "CANCELLED"
+    ckpts = tmp_path / "runs" / f"cancel-{job}" / "checkpoints"
+    deadline = time.monotonic() + 60  # the ranks may still be finishing the save when the state flips
+    while not (ckpts / "latest").is_file():
+        assert time.monotonic() < deadline, _log(tmp_path, "cancel", job)[-4000:]
+        time.sleep(0.5)
+    tag = (ckpts / "latest").read_text()
+    manifest = json.loads((ckpts / tag / "manifest.json").read_text())
+    assert manifest["train_state"]["step"] >= 2 and manifest["world_size"] == 2
+    assert not (ckpts / ".tmp").exists()
+    assert "received SIGTERM: stopping" in _log(tmp_path, "cancel", job)
