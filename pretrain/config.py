@@ -114,11 +114,6 @@ class TrainerConfig:
     loss_spike_factor: float = 0.0
     # Stop, with a checkpoint, after this many skipped updates in a row (0: never).
     max_consecutive_skips: int = 5
-    # An update whose loss is NaN/Inf is skipped (and counted); so is one whose loss exceeds this
-    # factor x the running mean of accepted losses (0: no spike check). See pretrain/faults.py.
-    loss_spike_factor: float = 0.0
-    # Stop, with a checkpoint, after this many skipped updates in a row (0: never).
-    max_consecutive_skips: int = 5
 
 
 @dataclass
