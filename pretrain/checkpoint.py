@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -53,6 +53,7 @@ class TrainState:
     skipped_steps: int = 0  # updates skipped for a non-finite or spiking loss, over the whole run
     consecutive_skips: int = 0
     loss_average: Optional[float] = None  # running mean of accepted losses (the spike guard's reference)
+    noise_scale: dict = field(default_factory=dict)  # gns.NoiseScale's EMAs
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainState":

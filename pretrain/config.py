@@ -7,12 +7,17 @@ own section. Runtime counters (step, tokens seen) live in ``TrainState``, never 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from pretrain.data.config import DataConfig
+
+# The YAML groups. Absolute, so `python -m ...` and the console scripts (for which Hydra would
+# resolve a relative config_path as a Python module) find the same folder.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @dataclass

@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from pretrain.config import register_configs
+from pretrain.config import CONF_DIR, register_configs
 from pretrain.trainer import Trainer
 from pretrain.validate import ConfigError
 
@@ -18,7 +18,7 @@ log = logging.getLogger("pretrain")
 register_configs()
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     try:
         Trainer(cfg, HydraConfig.get().runtime.output_dir).run()

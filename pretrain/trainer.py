@@ -157,6 +157,8 @@ class Trainer:
                 raise FileNotFoundError(f"checkpoint.resume={resume}: no 'latest' checkpoint there")
             if loaded is not None:
                 self.state = loaded
+                if loaded.noise_scale:
+                    self.gns.load_state_dict(loaded.noise_scale)
                 if self.ranks.logs:
                     log.info("resumed from %s at step %d (%d tokens)", source, loaded.step, loaded.tokens)
         self.gate.reference = self.state.loss_average
@@ -205,6 +207,7 @@ class Trainer:
             metrics["grad_norm_local"] = result.local_grad_sq_norm ** 0.5
         if result.small_batch is not None and result.small_batch < batch:
             metrics.update(self.gns.update(result.small_batch_sq_norm, result.grad_norm**2, result.small_batch, batch, tr.seq_length))
+            self.state.noise_scale = self.gns.state_dict()
             self.gns_critical_batch = metrics.get("gns/simple")
         return metrics
 
@@ -235,7 +238,7 @@ class Trainer:
                 record = {
                     "step": state.step, "tokens": state.tokens, "loss": result.loss, "lr": lr,
                     "grad_norm": result.grad_norm, "batch_size": batch,
-                    "step_time_s": t2 - t0, "data_time_s": t1 - t0,
+                    "step_time_s": t2 - t0, "data_time_s": t1 - t0, "skipped_steps": state.skipped_steps,
                 }
                 record.update(self._step_metrics(result, batch, t2 - t0))
                 if tr.eval_interval and state.step % tr.eval_interval == 0 and self.valid_data:

@@ -137,3 +137,13 @@ def test_initial_weights_do_not_depend_on_the_layout():
     assert torch.equal(a, init_full_tensor("blocks.0.attn.qkv.weight", p, cfg, seed=3))
     assert not torch.equal(a, init_full_tensor("blocks.1.attn.qkv.weight", p, cfg, seed=3))
     assert not torch.equal(a, init_full_tensor("blocks.0.attn.qkv.weight", p, cfg, seed=4))
+
+
+@pytest.mark.parametrize("script, group_value", [("pretrain-train", "model=tiny-llama"), ("pretrain-data", "data=tiny")])
+def test_console_scripts_find_the_config(script, group_value, tmp_path):
+    """The installed entry points compose the same conf/ as `python -m` (Hydra's --cfg job prints it)."""
+    exe = Path(sys.executable).parent / script
+    proc = subprocess.run([str(exe), group_value, "--cfg", "job"], env=child_env(), capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert group_value.split("=")[1] in proc.stdout

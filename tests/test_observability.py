@@ -108,3 +108,22 @@ def test_reported_throughput_is_wall_clock(tmp_path):
         assert r["tokens_per_s"] == pytest.approx(r["batch_size"] * 32 / r["step_time_s"])
         assert r["step_time_s"] >= r["data_time_s"] + r["fwd_bwd_time_s"] + r["optimizer_time_s"] - 1e-3
         assert 0 < r["mfu"] < 1 and r["peak_memory_gb"] > 0.1
+
+
+def test_batch_ramp_follows_the_measured_critical_batch(tmp_path):
+    """After the warm-up estimates, each step's batch is the last critical batch, rounded down to
+    micro x dp and kept within [ramp_start_batch, global_batch_size]."""
+    run_dir = tmp_path / "run"
+    run_train(FAST + ["data=synthetic", "trainer.max_steps=8", "trainer.seq_length=16", "trainer.micro_batch_size=16",
+                      "trainer.global_batch_size=1024", "optim.ramp_start_batch=16", "logging.gns_batch_ramp=true",
+                      "logging.gns_ramp_warmup=2", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    records = read_metrics(run_dir)
+    critical, updates = None, 0
+    for r in records:
+        if updates >= 2:
+            assert r["batch_size"] == max(16, min(1024, int(critical) // 16 * 16)), (r["step"], r["batch_size"], critical)
+        else:
+            assert r["batch_size"] == 1024
+        if "gns/simple" in r:
+            critical, updates = r["gns/simple"], updates + 1
+    assert updates >= 2 and any(r["batch_size"] != 1024 for r in records), [r["batch_size"] for r in records]

@@ -47,3 +47,8 @@ def test_resume_continues_the_uninterrupted_run(world, tmp_path):
             assert a["lr"] == b["lr"]
             assert abs(a["loss"] - b["loss"]) <= 1e-6 * abs(a["loss"]), (tag, a["step"], a["loss"], b["loss"])
             assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-6 * abs(a["grad_norm"]), (tag, a["step"])
+            for key in ("gns/g2_ema", "gns/trace_ema"):  # the noise-scale smoothing carries over too
+                assert (key in a) == (key in b)
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-9), (tag, a["step"], key)
+        assert any("gns/g2_ema" in r for r in rest), "the noise scale should be measured after the resume"

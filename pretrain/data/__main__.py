@@ -12,8 +12,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from pretrain.config import CONF_DIR
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="prepare")
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="prepare")
 def _main(cfg: DictConfig) -> None:
     from pretrain.data import DataConfigError, prepare_data
 
