@@ -200,6 +200,9 @@ class Trainer:
             "mfu": achieved / (self.peak_flops * world),
             "peak_memory_gb": peak_memory_gb(),
         }
+        highest = torch.tensor(metrics["peak_memory_gb"], dtype=torch.float64, device=compat.device())
+        dist.all_reduce(highest, op=dist.ReduceOp.MAX)
+        metrics["peak_memory_gb_max_rank"] = float(highest)
         if result.fwd_bwd_s is not None:
             metrics["fwd_bwd_time_s"] = result.fwd_bwd_s
             metrics["optimizer_time_s"] = result.optimizer_s

@@ -108,6 +108,7 @@ def test_reported_throughput_is_wall_clock(tmp_path):
         assert r["tokens_per_s"] == pytest.approx(r["batch_size"] * 32 / r["step_time_s"])
         assert r["step_time_s"] >= r["data_time_s"] + r["fwd_bwd_time_s"] + r["optimizer_time_s"] - 1e-3
         assert 0 < r["mfu"] < 1 and r["peak_memory_gb"] > 0.1
+        assert r["peak_memory_gb_max_rank"] >= r["peak_memory_gb"]
 
 
 def test_batch_ramp_follows_the_measured_critical_batch(tmp_path):

@@ -23,7 +23,10 @@ class EpochGPTDataset(GPTDataset):
     def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split, config):
         super().__init__(indexed_dataset, dataset_path, indexed_indices, None, index_split, config)
         self.samples_per_epoch = super().__len__()
-        self.num_samples = self.samples_per_epoch if num_samples is None else max(int(num_samples), 1)
+        if self.samples_per_epoch == 0:  # fewer tokens than one sequence (e.g. a tiny validation split)
+            self.num_samples = 0
+        else:
+            self.num_samples = self.samples_per_epoch if num_samples is None else max(int(num_samples), 1)
         self._perms: Dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:

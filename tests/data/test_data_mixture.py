@@ -136,3 +136,12 @@ def test_valid_test_disjoint_from_train_and_per_source(train_stream):
         train_docs = train.datasets[[n for n, _, _ in p.sources].index(name)].indices
         assert not set(ds.indices.tolist()) & set(train_docs.tolist())
     assert build_datasets(p, OmegaConf.create(cfg), SEQ, (100, 0, 0), seed=1)[1:] == (None, None)
+
+
+def test_validation_split_shorter_than_one_sequence_is_left_out(train_stream):
+    """A source whose held-out documents do not fill one sequence has no validation set (the
+    trainer then evaluates the other sources) instead of a dataset that cannot be indexed."""
+    cfg, p, *_ = train_stream
+    from omegaconf import OmegaConf
+
+    assert build_eval_datasets(p, OmegaConf.create(cfg), 10**6, seed=7, num_samples=4) == {}
