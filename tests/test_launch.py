@@ -1,5 +1,7 @@
 """The sbatch scripts `python -m pretrain.launch slurm` renders, checked line by line."""
 
+from pathlib import Path
+
 import pytest
 
 from pretrain import launch
@@ -104,3 +106,23 @@ def test_an_invalid_plan_is_refused_before_anything_is_queued(capsys):
 def test_a_plan_that_does_not_fill_whole_nodes_is_refused():
     with pytest.raises(SystemExit, match="needs 16 processes .* not a multiple of 6 per node"):
         launch.main(["slurm", *GPU_ARGS, "cluster.procs_per_node=6", "--dry-run"])
+
+
+def test_torchrun_script_launches_a_two_process_job(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from harness import REPO, child_env
+    from pretrain.metrics import read_metrics
+
+    env = {**child_env(), "NPROC_PER_NODE": "2", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(
+        [str(REPO / "launchers" / "torchrun.sh"), "data=synthetic", "parallel=tp2", "trainer.max_steps=2",
+         "trainer.seq_length=32", "trainer.micro_batch_size=2", "trainer.global_batch_size=2",
+         "trainer.progress_bar=false", "logging.wandb=false", "logging.plot=false", f"hydra.run.dir={tmp_path / 'run'}"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+    assert "tensor: 2" in (tmp_path / "run" / "config.yaml").read_text()

@@ -51,4 +51,5 @@ def test_resume_continues_the_uninterrupted_run(world, tmp_path):
                 assert (key in a) == (key in b)
                 if key in a:
                     assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-9), (tag, a["step"], key)
-        assert any("gns/g2_ema" in r for r in rest), "the noise scale should be measured after the resume"
+        if "dp2" in tag:  # dp == 1 under a pipeline has no small batch to measure
+            assert any("gns/g2_ema" in r for r in rest), "the noise scale should be measured after the resume"
