@@ -54,11 +54,24 @@ class Callbacks:
 
 
 class MetricsFile(Callback):
-    """One JSON object per logged step (and per evaluation) in <run dir>/metrics.jsonl."""
+    """One JSON object per logged step (and per evaluation) in <run dir>/metrics.jsonl.
+
+    A resumed run appends; records past the step it resumed from (steps done after the last
+    checkpoint by a run that was then killed) are dropped first, so each step appears once.
+    """
 
     def __init__(self, run_dir: Path, interval: int):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.interval = interval
+        self._file = None
+
+    def on_train_start(self, state) -> None:
+        if self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= state.step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
         self._file = open(self.path, "a", buffering=1)
 
     def on_step(self, record: dict) -> None:
@@ -66,7 +79,8 @@ class MetricsFile(Callback):
             self._file.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 class ProgressBar(Callback):

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import signal
+import time
 from typing import Optional
 
 import torch
@@ -63,6 +64,16 @@ class StopRequest:
         if int(flag) == 0:
             return None
         return self.signal or "a stop signal (on another rank)"
+
+
+# Test hook: seconds to sleep after each step, so a signal can be sent deterministically mid-run.
+STEP_DELAY_ENV = "PRETRAIN_TEST_STEP_DELAY"
+
+
+def planted_step_delay() -> None:
+    delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
 
 
 def planted_nan_steps() -> set[int]:

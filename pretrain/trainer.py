@@ -251,6 +251,7 @@ class Trainer:
                 if cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0:
                     callbacks.on_checkpoint(checkpoint.save(self.engine, self.ckpt_dir, state, cfg.checkpoint.keep_last), state.step)
                     saved_at = state.step
+                faults.planted_step_delay()
                 stop = self._stop_reason()
                 if stop is not None:
                     if saved_at != state.step:

@@ -128,3 +128,15 @@ def test_batch_ramp_follows_the_measured_critical_batch(tmp_path):
         if "gns/simple" in r:
             critical, updates = r["gns/simple"], updates + 1
     assert updates >= 2 and any(r["batch_size"] != 1024 for r in records), [r["batch_size"] for r in records]
+
+
+def test_resumed_run_logs_each_step_once(tmp_path):
+    """Steps done after the last checkpoint by a run that then died are logged again on resume;
+    the metrics file keeps one record per step."""
+    run_dir = tmp_path / "run"
+    args = FAST + ["data=synthetic", "trainer.seq_length=32", "trainer.micro_batch_size=2", "trainer.global_batch_size=2",
+                   "checkpoint.interval=2", f"hydra.run.dir={run_dir}"]
+    run_train(args + ["trainer.max_steps=3"], cwd=tmp_path)  # checkpoint at 2, then step 3 is lost
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
+    run_train(args + ["trainer.max_steps=5"], cwd=tmp_path)
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5]

@@ -115,7 +115,7 @@ def _stop_daemons(root, env, started_munge):
         subprocess.run(["/usr/sbin/munged", "-s"], capture_output=True)  # stops the daemon via its socket
 
 
-def _submit(slurm, tmp_path, name, *overrides) -> str:
+def _submit(slurm, tmp_path, name, *overrides, env=None) -> str:
     script = tmp_path / f"{name}.sbatch"
     runs = tmp_path / "runs"
     runs.mkdir(exist_ok=True)
@@ -125,7 +125,7 @@ def _submit(slurm, tmp_path, name, *overrides) -> str:
          *TRAIN, *overrides, "--dry-run", "--output", str(script)],
         env={**child_env(), **slurm}, capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    job = subprocess.run(["sbatch", "--parsable", str(script)], env={**child_env(), **slurm},
+    job = subprocess.run(["sbatch", "--parsable", str(script)], env={**child_env(), **slurm, **(env or {})},
                          capture_output=True, text=True, check=True, cwd=tmp_path).stdout.strip()
     return job
 
@@ -176,7 +176,8 @@ def test_sbatch_job_completes_and_trains(completed):
 
 
 def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes_to_the_same_losses(slurm, completed, tmp_path):
-    job = _submit(slurm, tmp_path, "requeue", f"trainer.max_steps={STEPS}")
+    # Half a second per step: the signal lands mid-run however fast the machine is.
+    job = _submit(slurm, tmp_path, "requeue", f"trainer.max_steps={STEPS}", env={"PRETRAIN_TEST_STEP_DELAY": "0.5"})
     _wait_state(slurm, job, {"RUNNING"})
     deadline = time.monotonic() + 240
     while len(_metrics(tmp_path, "requeue", job)) < 3:
@@ -216,3 +217,23 @@ def test_scancel_makes_the_ranks_save_an_intact_checkpoint(slurm, tmp_path):
     assert manifest["train_state"]["step"] >= 2 and manifest["world_size"] == 2
     assert not (ckpts / ".tmp").exists()
     assert "received SIGTERM: stopping" in _log(tmp_path, "cancel", job)
+
+
+def test_hydra_sweep_runs_each_point_as_a_slurm_job_whose_tasks_are_the_ranks(slurm, tmp_path):
+    """`-m hydra/launcher=slurm`: a model-size sweep, one Slurm job per point, 2 srun tasks as dp2 ranks
+    (no torchrun: pretrain.distributed takes rank and world size from Slurm)."""
+    sweep = tmp_path / "sweep"
+    train = [arg for arg in TRAIN if not arg.startswith("model=")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain.train", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=debug",
+         "hydra.launcher.tasks_per_node=2", "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
+         "hydra.launcher.timeout_min=10", f"hydra.launcher.submitit_folder={tmp_path / 'submitit'}",
+         f"hydra.sweep.dir={sweep}", *train, "trainer.max_steps=2", "model=tiny-gpt,tiny-llama"],
+        env={**child_env(), **slurm}, capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for num, model in ((0, "tiny-gpt"), (1, "tiny-llama")):
+        run = sweep / str(num)
+        assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+        config = (run / "config.yaml").read_text()
+        assert f"name: {model}" in config and "data: 2" in config
