@@ -10,4 +10,6 @@ while [ $# -gt 0 ] && [ "$1" != "--" ] && [[ "$1" == --* ]]; do ds_args+=("$1" "
 if [ -n "${HOSTFILE:-}" ]; then
     ds_args+=(--hostfile "$HOSTFILE")
 fi
-exec deepspeed "${ds_args[@]}" --module pretrain.train "$@"
+# --no_local_rank: ranks read LOCAL_RANK from the environment; a --local_rank argument would
+# reach Hydra as an unknown override.
+exec deepspeed "${ds_args[@]}" --no_local_rank --module pretrain.train "$@"

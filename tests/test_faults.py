@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from harness import FAST, child_env
+from harness import FAST, REPO, child_env, run_train
+from pretrain.metrics import read_metrics
 
 pytestmark = pytest.mark.distributed
 
@@ -131,3 +132,36 @@ def test_sigterm_saves_and_exits_then_a_killed_rank_ends_the_job_and_a_relaunch_
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"at step {last}" in proc.stdout + proc.stderr
     assert (ckpts / "latest").read_text() == f"step{last + 2:08d}"
+
+
+def test_loss_spikes_are_skipped_under_the_pipeline_engine_and_stop_the_run(tmp_path):
+    """pp2: with a spike threshold below any real loss, every update after the first is skipped and
+    counted on every stage, and three in a row stop the run (exit 65) with its state saved."""
+    run_dir = tmp_path / "run"
+    proc = run_train(
+        ["data=synthetic", "parallel=pp2", "model.hidden_size=64", "trainer.max_steps=10", "trainer.seq_length=32",
+         "trainer.micro_batch_size=2", "trainer.global_batch_size=4", "trainer.loss_spike_factor=0.5",
+         "trainer.max_consecutive_skips=3", "trainer.progress_bar=false", "logging.wandb=false", "logging.plot=false",
+         "trainer.eval_interval=0", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, nproc=2, check=False,
+    )
+    # The ranks exit 65 after saving; torchrun reports a failed worker with its own non-zero code.
+    assert proc.returncode != 0 and "exitcode: 65" in proc.stderr, proc.stderr[-3000:]
+    records = read_metrics(run_dir)
+    assert [r["skipped_steps"] for r in records] == [0, 1, 2, 3]
+    log = (run_dir / "train.log").read_text()  # rank 0 is the first stage; the loss lives on the last
+    assert "update skipped (bad loss on another pipeline stage)" in log
+    assert "3 updates in a row were skipped" in log
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000004"
+
+
+def test_deepspeed_launcher_script_runs_a_two_process_job(tmp_path):
+    env = {**child_env(), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(
+        [str(REPO / "launchers" / "deepspeed.sh"), "--num_gpus", "2", "--", "data=synthetic", "parallel=dp2_zero1",
+         "trainer.max_steps=2", "trainer.seq_length=32", "trainer.micro_batch_size=2", "trainer.global_batch_size=4",
+         "trainer.progress_bar=false", "logging.wandb=false", "logging.plot=false", f"hydra.run.dir={tmp_path / 'run'}"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2]
