@@ -243,9 +243,6 @@ class TrainEngine:
         if sequences != self.ds.train_batch_size():
             self.ds.set_train_batch_size(sequences)
 
-    def grad_accum_steps(self) -> int:
-        return self.ds.gradient_accumulation_steps()
-
     def train_step(self, micro_batches: list[Batch]) -> StepResult:
         """One optimizer step over this rank's micro-batches; loss averaged over micro-batches and DP."""
         self.ds.train()

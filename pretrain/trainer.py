@@ -118,7 +118,8 @@ class Trainer:
         if tr.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
 
-        num_train = planned_tokens(cfg) // tr.seq_length
+        self.total_tokens = planned_tokens(cfg)
+        num_train = self.total_tokens // tr.seq_length
         num_eval = tr.eval_iters * tr.micro_batch_size * cfg.parallel.data
         self.train_data, self.valid_data, vocab = build_data(cfg, num_train, max(num_eval, 1))
         self.gns = NoiseScale()
@@ -218,7 +219,6 @@ class Trainer:
         self._setup()
         cfg, tr, state = self.cfg, self.cfg.trainer, self.state
         callbacks = self._start_logging()
-        total_tokens = planned_tokens(cfg)
         last_step = tr.max_steps if cfg.checkpoint.stop_after is None else min(tr.max_steps, cfg.checkpoint.stop_after)
         self.gns_critical_batch = None
         saved_at = None
@@ -227,7 +227,7 @@ class Trainer:
             while state.step < last_step:
                 batch = self._batch_size()
                 self.engine.set_global_batch(batch)
-                lr = lr_at(state.tokens + batch * tr.seq_length, cfg.optim, total_tokens)
+                lr = lr_at(state.tokens + batch * tr.seq_length, cfg.optim, self.total_tokens)
                 self.engine.set_lr(lr)
                 t0 = time.perf_counter()
                 batches = micro_batches(self.train_data, state.consumed_samples, batch, tr.micro_batch_size, self.ranks)
