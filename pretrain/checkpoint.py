@@ -11,7 +11,8 @@ RNG streams. A save is a commit in three moves:
    but the newest ``keep_last`` checkpoints.
 
 On resume the newest ``step*`` folder whose files match its manifest wins; a damaged or incomplete
-one is reported and skipped in favour of the one before. Checkpoints live on a file system every
+one is reported and skipped in favour of the one before. A checkpoint saved at another layout
+(tp, pp, dp, ZeRO stage or precision; the manifest records it) is resharded (``reshard.py``). Checkpoints live on a file system every
 rank sees (multi-node runs need a shared one).
 """
 
@@ -32,6 +33,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
+from pretrain import reshard
 from pretrain.engine import TrainEngine
 
 log = logging.getLogger(__name__)
@@ -159,7 +161,7 @@ def save(engine: TrainEngine, directory: str, state: TrainState, keep_last: int)
         if broken:
             raise OSError(f"checkpoint {staged}: could not read back {broken}")
         manifest = {
-            "tag": tag, "train_state": asdict(state), "world_size": dist.get_world_size(),
+            "tag": tag, "train_state": asdict(state), "world_size": dist.get_world_size(), "layout": engine.layout,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": hashes,
         }
         _write_atomic(staged / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
@@ -246,6 +248,9 @@ def resume(engine: TrainEngine, directory: str) -> Optional[TrainState]:
     tag = newest_valid(directory)
     if tag is None:
         return None
+    saved = saved_layout(Path(directory) / tag)
+    if saved is not None and saved != engine.layout:
+        return _resume_resharded(engine, Path(directory) / tag, saved)
     client_state = engine.load(directory, tag)
     if client_state is None or "train_state" not in client_state:
         raise RuntimeError(
@@ -260,3 +265,22 @@ def resume(engine: TrainEngine, directory: str) -> Optional[TrainState]:
     else:
         log.warning("no RNG state for this rank in %s/%s (saved at another layout?); dropout streams restart", directory, tag)
     return TrainState.from_dict(client_state["train_state"])
+
+
+def saved_layout(tag_dir: Path) -> Optional[dict]:
+    """The layout a committed checkpoint was saved at (tp, pp, dp, ZeRO stage, precision)."""
+    return json.loads((tag_dir / MANIFEST).read_text()).get("layout")
+
+
+def _resume_resharded(engine: TrainEngine, tag_dir: Path, saved: dict) -> TrainState:
+    """Resume from a checkpoint of another layout through its universal form. Collective."""
+    if dist.get_rank() == 0:
+        changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in engine.layout.items() if saved.get(k) != v)
+        log.warning("checkpoint %s was saved at another layout (%s): resharding its weights and optimizer state",
+                    tag_dir, changed)
+    meta = reshard.load_universal(engine, reshard.ensure_universal(tag_dir))
+    state = TrainState.from_dict(meta["train_state"])
+    engine.restore_counters(state.step, state.consumed_samples)
+    if dist.get_rank() == 0:
+        log.info("RNG streams restart after a layout change (only dropout draws differ from an unchanged run)")
+    return state

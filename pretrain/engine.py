@@ -1,7 +1,8 @@
 """DeepSpeed runs the optimisation: ZeRO over the data-parallel group, bf16 with fp32 master weights,
 gradient accumulation and clipping, and the 1F1B pipeline schedule when pp > 1.
 
-This module is the only one that talks to DeepSpeed. ``TrainEngine.train_step`` takes the
+This module is the only one that drives DeepSpeed (``reshard.py`` fills its optimizers' state when a
+checkpoint changes layout). ``TrainEngine.train_step`` takes the
 micro-batches of one optimizer step for this rank and returns the step's loss and the global
 gradient norm, identically for the plain and the pipeline engine.
 """
@@ -216,6 +217,13 @@ class TrainEngine:
         )
         if self.tap is not None and self.pipeline:
             self.tap.wrap_pipeline(self.ds)
+        self.zero_stage = config["zero_optimization"]["stage"]
+        self.bf16 = config["bf16"]["enabled"]
+        # What a checkpoint of this engine depends on; resuming at another layout goes through reshard.py.
+        self.layout = {
+            "tensor": parallel.tensor, "pipeline": parallel.pipeline, "data": parallel.data,
+            "zero_stage": self.zero_stage, "precision": "bf16" if self.bf16 else "fp32",
+        }
         self._fp32_norm: Optional[float] = None
         if not (self.ds.zero_optimization() or self.ds.bfloat16_enabled()):
             # Without ZeRO/bf16, DeepSpeed's own fp32 clipping discards the norm and counts the
@@ -303,7 +311,18 @@ class TrainEngine:
         return float(loss)
 
     def save(self, directory: str, tag: str, client_state: dict) -> None:
+        """DeepSpeed's checkpoint plus this rank's layout and parameter table (reshard.describe)."""
+        from pretrain.reshard import describe
+
+        ranks = {"tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+                 "pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
+        client_state = {**client_state, "layout": {**self.layout, **ranks}, "parameters": describe(self.module, self.optimizer)}
         self.ds.save_checkpoint(directory, tag=tag, client_state=client_state)
+
+    def restore_counters(self, steps: int, samples: int) -> None:
+        """DeepSpeed's step and sample counters, when the state was loaded around its own load_checkpoint."""
+        self.ds.global_steps = steps
+        self.ds.global_samples = samples
 
     def load(self, directory: str, tag: Optional[str] = None) -> Optional[dict]:
         path, client_state = self.ds.load_checkpoint(directory, tag=tag)

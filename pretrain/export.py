@@ -3,9 +3,8 @@
     python -m pretrain.export CKPT_DIR OUT_DIR [--tag stepXXXXXXXX] [--config RUN/config.yaml]
 
 CKPT_DIR is a run directory, its ``checkpoints`` folder, or one tag folder inside it. The
-checkpoint may come from any layout (tp, pp, dp, ZeRO 0-3): ``consolidate`` reads the files
-DeepSpeed wrote, takes the fp32 master weights (from the ZeRO partitions when the module copy is
-not them), gathers tensor-parallel shards and returns full tensors under canonical names
+checkpoint may come from any layout (tp, pp, dp, ZeRO 0-3, fp32 or bf16): ``consolidate`` reads
+the fp32 master weights with ``reshard.SavedCheckpoint`` as full tensors under canonical names
 (``blocks.3.attn.qkv.weight``). ``to_hf`` maps those to ``GPT2LMHeadModel`` or
 ``LlamaForCausalLM``; settings transformers cannot represent are refused by name.
 
@@ -15,30 +14,15 @@ Runs in one process without process groups; no GPU needed.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
-import re
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-# How each TP-split parameter is sharded: canonical-name suffix -> partition dim. Mirrors the
-# column/row choices in model/layers.py (SwiGLU's fc1 additionally uses stride 2).
-TP_PLAN = {
-    "embed.word.weight": 0,
-    "attn.qkv.weight": 0,
-    "attn.qkv.bias": 0,
-    "attn.proj.weight": 1,
-    "mlp.fc1.weight": 0,
-    "mlp.fc1.bias": 0,
-    "mlp.fc2.weight": 1,
-    "output.linear.weight": 0,
-}
+from pretrain.reshard import ReshardError, SavedCheckpoint
 
 
 class ExportError(ValueError):
@@ -49,8 +33,8 @@ class ExportError(ValueError):
 # Finding the checkpoint and its config
 
 
-def locate(path: str, tag: Optional[str] = None, config: Optional[str] = None) -> tuple[DictConfig, Path, str]:
-    """(resolved run config, checkpoint dir, tag) for a run dir, checkpoints dir or tag dir."""
+def find_tag(path: str, tag: Optional[str] = None) -> tuple[Path, str]:
+    """(checkpoint dir, tag) for a run dir, its checkpoints dir or a tag dir."""
     path = Path(path).resolve()
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
@@ -62,118 +46,25 @@ def locate(path: str, tag: Optional[str] = None, config: Optional[str] = None) -
         tag = (path / "latest").read_text().strip()
     if not (path / tag).is_dir():
         raise ExportError(f"{path}/{tag}: no such checkpoint")
+    return path, tag
+
+
+def locate(path: str, tag: Optional[str] = None, config: Optional[str] = None) -> tuple[DictConfig, Path, str]:
+    """(resolved run config, checkpoint dir, tag) for a run dir, checkpoints dir or tag dir."""
+    path, tag = find_tag(path, tag)
     config_path = Path(config) if config else path.parent / "config.yaml"
     if not config_path.is_file():
         raise ExportError(f"{config_path}: resolved run config not found; pass --config RUN_DIR/config.yaml")
     return OmegaConf.load(config_path), path, tag
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading DeepSpeed's files
-
-
-def _canonical_layer_names(model_cfg) -> list[Optional[str]]:
-    """canonical name of each entry of ``layer_specs`` (None: the tied embedding's second use)."""
-    names = ["embed", "embed_out"] + [f"blocks.{i}" for i in range(model_cfg.num_layers)] + ["final_norm"]
-    names.append(None if model_cfg.tie_embeddings else "output")
-    return names
-
-
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def _zero_fp32(tag_dir: Path, mp_rank: int, stage: int) -> dict:
-    """fp32 masters of one model-parallel rank via DeepSpeed's zero_to_fp32 (which reads mp rank 0
-    only): present that rank's files to it under rank-0 names."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with tempfile.TemporaryDirectory() as tmp:
-        view = Path(tmp) / "tag"
-        view.mkdir()
-        suffix = f"mp_rank_{mp_rank:02d}_"
-        for f in tag_dir.glob(f"*{suffix}*.pt"):
-            (view / f.name.replace(suffix, "mp_rank_00_")).symlink_to(f)
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints per-group shapes
-            sd = get_fp32_state_dict_from_zero_checkpoint(tmp, tag="tag")
-    return {k: v for k, v in sd.items()}
-
-
-def _rank_state(tag_dir: Path, model_cfg, tp_rank: int, pipeline: bool, zero_stage: int, bf16: bool) -> dict:
-    """{canonical name: tensor} of one TP rank (every pipeline stage)."""
-    layer_names = _canonical_layer_names(model_cfg)
-    out = {}
-    if pipeline:
-        if bf16:
-            raise ExportError(
-                "exporting bf16 pipeline-parallel checkpoints is not supported: their fp32 masters live in "
-                "BF16_Optimizer files; export from a pp=1 run or train in fp32"
-            )
-        for idx, name in enumerate(layer_names):
-            f = tag_dir / f"layer_{idx:02d}-model_{tp_rank:02d}-model_states.pt"
-            if name is None or not f.is_file():
-                continue
-            for k, v in _load(f).items():
-                if torch.is_tensor(v):
-                    out[f"{name}.{k}"] = v
-        return out
-    if zero_stage >= 1 or bf16:
-        if bf16 and zero_stage < 2 and not list(tag_dir.glob("zero_pp_rank_*_optim_states.pt")):
-            raise ExportError(
-                "this bf16 checkpoint was written by DeepSpeed's BF16_Optimizer (ZeRO-1 with fp32 gradient "
-                "accumulation), whose master weights export does not read yet; use ZeRO-2/3 or fp32"
-            )
-        module = _zero_fp32(tag_dir, tp_rank, zero_stage)
-    else:
-        module = _load(tag_dir / f"mp_rank_{tp_rank:02d}_model_states.pt")["module"]
-    for k, v in module.items():
-        m = re.match(r"layers\.(\d+)\.(.*)", k)
-        if m is None or not torch.is_tensor(v):
-            continue
-        out[f"{layer_names[int(m.group(1))]}.{m.group(2)}"] = v
-    return out
-
-
-def _tp_dim(name: str) -> Optional[int]:
-    for suffix, dim in TP_PLAN.items():
-        if name == suffix or name.endswith("." + suffix):
-            return dim
-    return None
-
-
-def gather_tp(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
-    """Inverse of ``init.shard``: rank r holds chunk r of each of ``stride`` stacked parts."""
-    parts = [s.chunk(stride, dim=dim) for s in shards]
-    return torch.cat([torch.cat([p[j] for p in parts], dim=dim) for j in range(stride)], dim=dim)
-
-
-def consolidate(cfg: DictConfig, ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """Full fp32 tensors under canonical names from a checkpoint of any layout."""
-    tag_dir = Path(ckpt_dir) / tag
-    par = cfg.parallel
-    ds_config = _ds_config(tag_dir)
-    zero_stage = ds_config["zero_optimization"]["stage"]
-    bf16 = ds_config.get("bf16", {}).get("enabled", False)
-    ranks = [_rank_state(tag_dir, cfg.model, r, par.pipeline > 1, zero_stage, bf16) for r in range(par.tensor)]
-    stride = 2 if cfg.model.activation == "swiglu" else 1
-    full = {}
-    for name in ranks[0]:
-        dim = _tp_dim(name)
-        shards = [r[name] for r in ranks]
-        if dim is None or par.tensor == 1:
-            full[name] = shards[0]
-        else:
-            full[name] = gather_tp(shards, dim, stride if ".mlp.fc1." in name else 1)
-        full[name] = full[name].float().contiguous()
-    return full
-
-
-def _ds_config(tag_dir: Path) -> dict:
-    for pattern in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        f = tag_dir / pattern
-        if f.is_file():
-            return _load(f)["ds_config"]
-    raise ExportError(f"{tag_dir}: no DeepSpeed model-states file; is this a pretrain checkpoint?")
+def consolidate(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 master weights under canonical names from a checkpoint of any layout."""
+    try:
+        full, _ = SavedCheckpoint(Path(ckpt_dir) / tag).full_states(("fp32",))
+    except ReshardError as err:
+        raise ExportError(str(err)) from err
+    return {name: states["fp32"] for name, states in full.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +219,7 @@ def save_hf(m, sd_canonical: dict, out_dir: Path, tokenizer: Optional[str] = Non
 def export(ckpt: str, out_dir: str, tag: Optional[str] = None, config: Optional[str] = None) -> Path:
     cfg, ckpt_dir, tag = locate(ckpt, tag, config)
     _family(cfg.model)  # refuse before reading the weights
-    sd = consolidate(cfg, ckpt_dir, tag)
+    sd = consolidate(ckpt_dir, tag)
     eod = cfg.data.tokenizer.get("eod_token", "<|endoftext|>") if "tokenizer" in cfg.data else "<|endoftext|>"
     save_hf(cfg.model, sd, Path(out_dir), tokenizer_file(cfg), eod)
     return Path(out_dir)

@@ -94,7 +94,7 @@ def load(path: str):
         tok = str(tok_file) if tok_file.is_file() else None
     else:
         cfg, ckpt_dir, tag = export.locate(path)
-        model_cfg, canonical = cfg.model, export.consolidate(cfg, ckpt_dir, tag)
+        model_cfg, canonical = cfg.model, export.consolidate(ckpt_dir, tag)
         tok = export.tokenizer_file(cfg)
     tokenizer = None
     if tok is not None:

@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from pretrain.config import CONF_DIR, register_configs
+from pretrain.reshard import ReshardError
 from pretrain.trainer import Trainer
 from pretrain.validate import ConfigError
 
@@ -22,7 +23,7 @@ register_configs()
 def _main(cfg: DictConfig) -> None:
     try:
         Trainer(cfg, HydraConfig.get().runtime.output_dir).run()
-    except ConfigError as err:
+    except (ConfigError, ReshardError) as err:
         log.error("%s", err)
         sys.exit(2)
 

@@ -1,7 +1,7 @@
 """Export to transformers from checkpoints of every layout, import back, and generate.
 
 One module-scoped fixture trains tiny GPT-2- and LLaMA-style models for 2 steps at single, tp2,
-pp2 and dp2 ZeRO-3 (two torchrun launches). The checks that need megatron-core run in one
+pp2, dp2 ZeRO-3 and tp2_pp2, plus bf16 runs (three torchrun launches). The checks that need megatron-core run in one
 subprocess (``python tests/test_export.py check WORKDIR``) so that this pytest process never
 creates process groups.
 """
@@ -23,7 +23,7 @@ COMMON = FAST + [
     "model.num_layers=2", "model.hidden_size=64", "optim.warmup_tokens=0",
 ]
 MODELS = {"gpt": ["model=tiny-gpt"], "llama": ["model=tiny-llama"]}
-LAYOUTS = {1: ["single"], 2: ["tp2", "pp2", "dp2_zero3"]}
+LAYOUTS = {1: ["single"], 2: ["tp2", "pp2", "dp2_zero3"], 4: ["tp2_pp2"]}
 
 
 def _save_transformers_models(root: Path) -> dict:
@@ -56,9 +56,12 @@ def work(tmp_path_factory):
     originals = _save_transformers_models(work / "transformers")
     for world, layouts in LAYOUTS.items():
         jobs = {f"{m}-{l}": COMMON + MODELS[m] + [f"parallel={l}"] for m in MODELS for l in layouts}
-        if world == 2:  # bf16: export must take the fp32 masters from the ZeRO partitions
+        # bf16: export must take the fp32 masters (ZeRO-2/3 partitions, BF16_Optimizer's at ZeRO-1).
+        if world == 2:
             jobs["bf16-llama-dp2_zero2"] = COMMON + MODELS["llama"] + ["parallel=dp2_zero2", "trainer.precision=bf16"]
+            jobs["bf16-gpt-dp2_zero3"] = COMMON + MODELS["gpt"] + ["parallel=dp2_zero3", "trainer.precision=bf16"]
         if world == 1:
+            jobs["bf16-llama-single"] = COMMON + MODELS["llama"] + ["parallel=single", "trainer.precision=bf16"]
             # A run with a real tokenizer (data=tiny: a few seconds of data prep).
             jobs["gpt-tok"] = COMMON + MODELS["gpt"] + ["parallel=single", "data=tiny", "model.vocab_size=null"]
             # "Train 0 steps" from transformers weights: one step at lr 1e-30 changes no fp32 weight.
@@ -83,6 +86,8 @@ def test_transformers_logits_match_ours(work):
 
 def test_every_layout_consolidates_to_the_single_process_weights(work):
     _, results = work
+    expected = {f"{m}-{l}" for m in MODELS for layouts in LAYOUTS.values() for l in layouts if l != "single"}
+    assert set(results["vs_single"]) == expected
     for name, rel in results["vs_single"].items():
         # Layouts match step for step to ~1e-6 (test_parity); a wrong TP gather would be O(1) off.
         assert rel <= 1e-4, (name, rel)
@@ -90,7 +95,8 @@ def test_every_layout_consolidates_to_the_single_process_weights(work):
 
 def test_bf16_export_takes_the_fp32_masters(work):
     _, results = work
-    assert results["bf16_masters_not_bf16"]
+    assert sorted(results["bf16_masters_not_bf16"]) == ["bf16-gpt-dp2_zero3", "bf16-llama-dp2_zero2", "bf16-llama-single"]
+    assert all(results["bf16_masters_not_bf16"].values()), results["bf16_masters_not_bf16"]
 
 
 def test_exported_tokenizer_encodes_like_ours(work):
@@ -199,7 +205,7 @@ def check(work: Path) -> None:
     from pretrain import export, generate, import_hf
 
     torch.manual_seed(0)
-    results = {"logits": {}, "vs_single": {}, "round_trip": {}, "generate": {}}
+    results = {"logits": {}, "vs_single": {}, "round_trip": {}, "generate": {}, "bf16_masters_not_bf16": {}}
     canonical = {}
     for run in sorted((work / "runs").iterdir()):
         if not (run / "config.yaml").is_file():
@@ -208,10 +214,10 @@ def check(work: Path) -> None:
         out = work / "hf" / name
         export.export(str(run), str(out))
         cfg, ckpt_dir, tag = export.locate(str(run))
-        sd = export.consolidate(cfg, ckpt_dir, tag)
+        sd = export.consolidate(ckpt_dir, tag)
         canonical[name] = sd
         if name.startswith("bf16"):
-            results["bf16_masters_not_bf16"] = any(bool((t != t.bfloat16().float()).any()) for t in sd.values())
+            results["bf16_masters_not_bf16"][name] = any(bool((t != t.bfloat16().float()).any()) for t in sd.values())
         ours = generate.build_inference_model(cfg.model, sd)
         hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, dtype=torch.float32).eval()
         tokens = torch.randint(0, cfg.model.vocab_size, (2, 24))
@@ -246,7 +252,7 @@ def check(work: Path) -> None:
     for name, sd in canonical.items():
         model, _, layout = name.partition("-")
         base = f"{model}-single"
-        if layout in LAYOUTS[2] and base in canonical:
+        if layout != "single" and layout in {l for ls in LAYOUTS.values() for l in ls} and base in canonical:
             ref = canonical[base]
             # Matrices one by one (a wrong TP gather is O(1) off in that tensor); all tensors together
             # (near-zero biases are noise-dominated after Adam steps, see CPU_NOTES).
