@@ -151,6 +151,7 @@ def save(engine: TrainEngine, directory: str, state: TrainState, keep_last: int)
     dist.barrier()
     _crash_if_planted(state.step)
 
+    shapes = reshard.model_shapes(engine.module)
     names = _files(staged) if dist.get_rank() == 0 else None
     box = [names]
     dist.broadcast_object_list(box, src=0)
@@ -162,6 +163,7 @@ def save(engine: TrainEngine, directory: str, state: TrainState, keep_last: int)
             raise OSError(f"checkpoint {staged}: could not read back {broken}")
         manifest = {
             "tag": tag, "train_state": asdict(state), "world_size": dist.get_world_size(), "layout": engine.layout,
+            "shapes": shapes,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": hashes,
         }
         _write_atomic(staged / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
@@ -248,7 +250,10 @@ def resume(engine: TrainEngine, directory: str) -> Optional[TrainState]:
     tag = newest_valid(directory)
     if tag is None:
         return None
-    saved = saved_layout(Path(directory) / tag)
+    manifest = json.loads((Path(directory) / tag / MANIFEST).read_text())
+    if "shapes" in manifest:  # refuse another model's checkpoint before DeepSpeed's load fails on it
+        reshard.check_fits(manifest["shapes"], reshard.model_shapes(engine.module), Path(directory) / tag)
+    saved = manifest.get("layout")
     if saved is not None and saved != engine.layout:
         return _resume_resharded(engine, Path(directory) / tag, saved)
     client_state = engine.load(directory, tag)
@@ -265,11 +270,6 @@ def resume(engine: TrainEngine, directory: str) -> Optional[TrainState]:
     else:
         log.warning("no RNG state for this rank in %s/%s (saved at another layout?); dropout streams restart", directory, tag)
     return TrainState.from_dict(client_state["train_state"])
-
-
-def saved_layout(tag_dir: Path) -> Optional[dict]:
-    """The layout a committed checkpoint was saved at (tp, pp, dp, ZeRO stage, precision)."""
-    return json.loads((tag_dir / MANIFEST).read_text()).get("layout")
 
 
 def _resume_resharded(engine: TrainEngine, tag_dir: Path, saved: dict) -> TrainState:

@@ -53,13 +53,6 @@ def local_shape(p: nn.Parameter) -> list[int]:
     return list(getattr(p, "ds_shape", p.shape))
 
 
-def full_shape(p: nn.Parameter, tp: int) -> list[int]:
-    shape = local_shape(p)
-    if getattr(p, "tensor_model_parallel", False):
-        shape[p.partition_dim] *= tp
-    return shape
-
-
 def describe(module: nn.Module, optimizer) -> dict:
     """{module parameter name: canonical name, TP-local shape, TP split, where its weight is saved} for this rank.
 
@@ -335,25 +328,26 @@ def _tp_slice(handle, name: str, p: nn.Parameter) -> torch.Tensor:
     return torch.cat(pieces, dim=dim)
 
 
-def _check_fits(handle, params: list[tuple[str, nn.Parameter]], source: Path) -> None:
-    """Refuse, naming them, parameters whose shapes or presence differ from the model's. Collective."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
+def model_shapes(module: nn.Module) -> dict[str, list[int]]:
+    """{canonical name: full shape} of the whole model, every TP shard and stage. Collective."""
+    from pretrain.model.gpt import canonical_parameters
+    from pretrain.model.init import full_shape
+
+    local = {name: full_shape(p) for name, p in canonical_parameters(module)}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return {name: shape for part in gathered for name, shape in part.items()}
+
+
+def check_fits(stored: dict[str, list[int]], model: dict[str, list[int]], source) -> None:
+    """Refuse, naming them, parameters whose shapes or presence differ between checkpoint and model."""
     problems = []
-    stored = set(handle.keys())
-    for name, p in params:
+    for name, want in model.items():
         if name not in stored:
             problems.append(f"{name} is not in the checkpoint")
-            continue
-        want, have = full_shape(p, tp), list(handle.get_slice(name).get_shape())
-        if want != have:
-            problems.append(f"{name} has shape {have} in the checkpoint but {want} in the model")
-    held = [None] * dist.get_world_size()
-    dist.all_gather_object(held, [name for name, _ in params])
-    extra = stored - {name for names in held for name in names}
-    problems += [f"{name} is in the checkpoint but not in the model" for name in sorted(extra)]
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, problems)
-    problems = sorted({p for part in every for p in part})
+        elif list(stored[name]) != list(want):
+            problems.append(f"{name} has shape {list(stored[name])} in the checkpoint but {list(want)} in the model")
+    problems += [f"{name} is in the checkpoint but not in the model" for name in sorted(set(stored) - set(model))]
     if problems:
         raise ReshardError(
             f"checkpoint {source} does not fit the configured model: " + "; ".join(problems[:6])
@@ -378,7 +372,8 @@ def load_universal(engine, source: Path) -> dict:
         raise ReshardError(f"{source}: universal format {meta.get('format')}, this version reads {FORMAT}")
     handles = {k: safe_open(str(source / f"{k}.safetensors"), framework="pt") for k in STATES}
     params = list(canonical_parameters(engine.module))
-    _check_fits(handles["fp32"], params, source.parent)
+    stored = {name: handles["fp32"].get_slice(name).get_shape() for name in handles["fp32"].keys()}
+    check_fits(stored, model_shapes(engine.module), source.parent)
     step = torch.tensor(float(meta["step"] or 0.0))
     optimizer = engine.optimizer
     base = getattr(optimizer, "optimizer", None)  # DeepSpeed's ZeRO / bf16 optimizers wrap torch's

@@ -17,9 +17,10 @@ from pretrain.engine import Batch, TrainEngine, apply_sequence_parallel_grad_syn
 from pretrain.callbacks import Callbacks, build_callbacks
 from pretrain.flops import model_flops_per_token, peak_flops
 from pretrain.gns import NoiseScale
-from pretrain.model.gpt import apply_activation_checkpointing, build_model, canonical_parameters, padded_vocab_size
-from pretrain.model.init import apply_init, full_shape
+from pretrain.model.gpt import apply_activation_checkpointing, build_model, padded_vocab_size
+from pretrain.model.init import apply_init
 from pretrain.optim import batch_size_at, build_optimizer, lr_at
+from pretrain.reshard import model_shapes
 from pretrain.validate import grad_accum_steps, validate
 
 log = logging.getLogger(__name__)
@@ -77,13 +78,7 @@ def planned_tokens(cfg: DictConfig) -> int:
 
 def count_parameters(model) -> int:
     """Parameters of the whole model (all TP shards and pipeline stages), each counted once. Collective."""
-    local = {name: int(torch.Size(full_shape(p)).numel()) for name, p in canonical_parameters(model)}
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
-    merged = {}
-    for part in gathered:
-        merged.update(part)
-    return sum(merged.values())
+    return sum(math.prod(shape) for shape in model_shapes(model).values())
 
 
 class Trainer:

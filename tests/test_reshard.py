@@ -97,12 +97,35 @@ def test_the_universal_form_records_the_source(runs):
     assert meta["train_state"]["step"] == 3 and meta["step"] == 3
 
 
-def test_a_checkpoint_of_another_model_is_refused_by_name(runs, tmp_path):
+@pytest.mark.parametrize("saved_at", ["another layout", "the same layout"])
+def test_a_checkpoint_of_another_model_is_refused_by_name(runs, tmp_path, saved_at):
     root, _ = runs
-    ckpt = _copy_step3(root, "llama-tp2_pp2", "wrong-model")
+    if saved_at == "another layout":
+        ckpt = _copy_step3(root, "llama-tp2_pp2", "wrong-model")
+    else:  # the single-process run's own checkpoints (its final one is at the single layout)
+        ckpt = tmp_path / "ckpt"
+        shutil.copytree(_ckpt(root, "llama-dp2_zero2-to-single"), ckpt)
     proc = run_train(COMMON + MODELS["llama"] + ["parallel=single", "model.hidden_size=96", f"checkpoint.dir={ckpt}"],
                      tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     err = proc.stdout + proc.stderr
     assert "does not fit the configured model" in err
     assert "blocks.0.attn.qkv.weight has shape [128, 64] in the checkpoint but [192, 96] in the model" in err, err[-3000:]
+
+
+def test_the_command_line_converts_a_run_once(runs):
+    import subprocess
+    import sys
+
+    from harness import child_env
+
+    root, _ = runs
+    run = _ckpt(root, "llama-tp2_pp2")  # its 'latest' is the final step 6
+    cmd = [sys.executable, "-m", "pretrain.reshard", str(run)]
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((run / "step00000006" / "universal" / "meta.json").read_text())
+    assert meta["layout"]["tensor"] == 2 and meta["layout"]["pipeline"] == 2 and meta["train_state"]["step"] == 6
+    proc = subprocess.run([sys.executable, "-m", "pretrain.reshard", str(root)], env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "no 'latest' file" in proc.stderr

@@ -19,7 +19,8 @@ from pretrain.model.gpt import canonical_parameters
 
 
 def full_shape(p: nn.Parameter) -> list[int]:
-    shape = list(p.shape)
+    """Unsharded shape of p (also under ZeRO-3, where p itself is partitioned away)."""
+    shape = list(getattr(p, "ds_shape", p.shape))
     if getattr(p, "tensor_model_parallel", False):
         shape[p.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
     return shape
