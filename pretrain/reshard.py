@@ -126,10 +126,6 @@ class SavedCheckpoint:
         self.layout = {k: v for k, v in first["layout"].items() if k not in ("tp_rank", "pp_rank")}
         self.train_state = first.get("train_state", {})
 
-    @property
-    def ds_config(self) -> dict:
-        return self.ranks[min(self.ranks)]["ds_config"]
-
     def _optim_files(self, mp: int) -> list[Path]:
         files = list(self.tag_dir.glob(f"*zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt"))
         files.sort(key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)))
@@ -151,9 +147,6 @@ class SavedCheckpoint:
             moments = [k for k in keys if k != "fp32"]
             if moments:
                 saved = sd["optimizer"]
-                offsets = [0]
-                for group in saved["param_groups"]:
-                    offsets.append(offsets[-1] + len(group["params"]))
                 for name, info in table.items():
                     g, i = info["optimizer"]
                     state = saved["state"].get(saved["param_groups"][g]["params"][i], {})
@@ -258,6 +251,10 @@ class SavedCheckpoint:
                         merged[k] = gather_tp(shards, info["tp_dim"], info["stride"])
                     merged[k] = merged[k].contiguous()
                 full[info["canonical"]] = merged
+        for states in full.values():  # Adam creates its moments at the first step taken: zeros before
+            if "fp32" in states:
+                for k in keys:
+                    states.setdefault(k, torch.zeros_like(states["fp32"]))
         missing = sorted(name for name, states in full.items() if set(states) != set(keys))
         if missing:
             raise ReshardError(f"{self.tag_dir}: no {'/'.join(keys)} state for {', '.join(missing[:5])}"
