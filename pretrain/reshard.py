@@ -104,6 +104,23 @@ def gather_tp(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor
     return torch.cat([torch.cat([p[j] for p in parts], dim=dim) for j in range(stride)], dim=dim)
 
 
+def _group_step(saved_optimizer: dict, step: Optional[float]) -> Optional[float]:
+    """Adam's step count: torch keeps it per parameter state, apex's FusedAdam per parameter group."""
+    groups = saved_optimizer.get("param_groups") or [{}]
+    return float(groups[0]["step"]) if "step" in groups[0] else step
+
+
+def _set_step(optimizer, state: dict, like: torch.Tensor, step: float) -> None:
+    """Write Adam's step count where ``optimizer`` keeps it (see ``_group_step``)."""
+    if type(optimizer).__module__.startswith("apex"):
+        for group in optimizer.param_groups:
+            group["step"] = int(step)
+    # torch: a CPU scalar, or on the parameter's device when fused or capturable
+    group = optimizer.param_groups[0]
+    device = like.device if group.get("fused") or group.get("capturable") else "cpu"
+    state["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
+
+
 class SavedCheckpoint:
     """One checkpoint tag folder of any layout, read without process groups."""
 
@@ -155,6 +172,7 @@ class SavedCheckpoint:
                             out[name][k] = state[k]
                     if "step" in state:
                         step = float(state["step"])
+                step = _group_step(saved, step)
         else:
             step = self._zero_states(mp, table, stage, keys, out)
         for name, states in out.items():
@@ -196,6 +214,7 @@ class SavedCheckpoint:
                         for k in keys:
                             if k in flats:
                                 out[name].setdefault(k, []).append(flats[k].narrow(0, address.start, address.numel))
+                step = _group_step(part["base_optimizer_state"], step)
         else:
             # ZeRO-3 partitions every parameter on its own: ceil(numel / dp) elements per rank, in
             # the order of param_shapes, the flat groups of a rank back to back.
@@ -209,7 +228,7 @@ class SavedCheckpoint:
                     else:
                         state = part["optimizer_state_dict"]["state"]
                         per_rank.append(torch.cat([state[g][k] for g in sorted(state)]))
-                        step = float(state[min(state)]["step"])
+                        step = _group_step(part["optimizer_state_dict"], float(state[min(state)].get("step", 0)))
                 flats[k] = per_rank
             dp, offset = len(parts), 0
             for name in order:
@@ -371,14 +390,15 @@ def load_universal(engine, source: Path) -> dict:
     params = list(canonical_parameters(engine.module))
     stored = {name: handles["fp32"].get_slice(name).get_shape() for name in handles["fp32"].keys()}
     check_fits(stored, model_shapes(engine.module), source.parent)
-    step = torch.tensor(float(meta["step"] or 0.0))
+    step = float(meta["step"] or 0.0)
     optimizer = engine.optimizer
     base = getattr(optimizer, "optimizer", None)  # DeepSpeed's ZeRO / bf16 optimizers wrap torch's
     if base is None or engine.zero_stage == 0 and not engine.bf16:
         for name, p in params:
             values = {k: _tp_slice(handles[k], name, p).to(p.device) for k in STATES}
             p.copy_(values["fp32"].to(p.dtype))
-            optimizer.state[p] = {"step": step.clone(), "exp_avg": values["exp_avg"], "exp_avg_sq": values["exp_avg_sq"]}
+            optimizer.state[p] = {"exp_avg": values["exp_avg"], "exp_avg_sq": values["exp_avg_sq"]}
+            _set_step(optimizer, optimizer.state[p], p, step)
         return meta
 
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
@@ -393,7 +413,7 @@ def load_universal(engine, source: Path) -> dict:
         state = base.state[flat]
         for k in ("exp_avg", "exp_avg_sq"):
             state.setdefault(k, torch.zeros_like(flat))
-        state["step"] = step.clone()
+        _set_step(base, state, flat, step)
     for _, p in params:
         mapping = getattr(p, "_hp_mapping", None)
         if mapping is not None:

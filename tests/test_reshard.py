@@ -129,3 +129,25 @@ def test_the_command_line_converts_a_run_once(runs):
     proc = subprocess.run([sys.executable, "-m", "pretrain.reshard", str(root)], env=child_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "no 'latest' file" in proc.stderr
+
+
+def test_adam_step_goes_where_the_optimizer_keeps_it():
+    """torch keeps Adam's step per parameter state; apex's FusedAdam (the GPU default) per group."""
+    import torch
+
+    from pretrain.reshard import _group_step, _set_step
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    torch_adam = torch.optim.AdamW([p])
+    _set_step(torch_adam, torch_adam.state[p], p, 7)
+    assert float(torch_adam.state[p]["step"]) == 7.0 and "step" not in torch_adam.param_groups[0]
+    torch_adam.state[p].update(exp_avg=torch.zeros(3), exp_avg_sq=torch.zeros(3))
+    p.grad = torch.ones(3)
+    torch_adam.step()
+    assert _group_step(torch_adam.state_dict(), float(torch_adam.state[p]["step"])) == 8.0
+
+    FusedAdam = type("FusedAdam", (torch.optim.AdamW,), {"__module__": "apex.optimizers.fused_adam"})
+    apex_like = FusedAdam([p])
+    _set_step(apex_like, {}, p, 7)
+    assert apex_like.param_groups[0]["step"] == 7
+    assert _group_step(apex_like.state_dict(), None) == 7.0
