@@ -15,7 +15,7 @@ new layout, each rank reading only the slices it holds. ``checkpoint.resume`` do
 saved layout differs from the configured one. Loading into ZeRO follows DeepSpeed's own universal
 checkpoint loader (fp32 fragments of each parameter, optimizer state linked to the flat partitions).
 
-The conversion holds the whole model's fp32 state (3 x 4 bytes per parameter) in one process.
+The conversion holds one full fp32 copy of the model (4 bytes per parameter) at a time in one process.
 """
 
 from __future__ import annotations
@@ -179,6 +179,9 @@ class SavedCheckpoint:
             shape = table[name]["shape"]
             for k, v in states.items():
                 states[k] = v.reshape(shape).float()
+            for k in keys:  # Adam creates its moments at a parameter's first update: zeros before
+                if k != "fp32":
+                    states.setdefault(k, torch.zeros(shape))
         return out, step
 
     def _module_weights(self, mp: int) -> dict[str, torch.Tensor]:
@@ -270,10 +273,6 @@ class SavedCheckpoint:
                         merged[k] = gather_tp(shards, info["tp_dim"], info["stride"])
                     merged[k] = merged[k].contiguous()
                 full[info["canonical"]] = merged
-        for states in full.values():  # Adam creates its moments at the first step taken: zeros before
-            if "fp32" in states:
-                for k in keys:
-                    states.setdefault(k, torch.zeros_like(states["fp32"]))
         missing = sorted(name for name, states in full.items() if set(states) != set(keys))
         if missing:
             raise ReshardError(f"{self.tag_dir}: no {'/'.join(keys)} state for {', '.join(missing[:5])}"
@@ -297,12 +296,15 @@ def convert(tag_dir: Path) -> Path:
     if (out / META).is_file():
         return out
     saved = SavedCheckpoint(tag_dir)
-    full, step = saved.full_states(STATES)
     staging = Path(tag_dir) / f".{UNIVERSAL}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    for k in STATES:
+    step = None
+    for k in STATES:  # one state at a time: the model's size in memory, not three times it
+        full, found = saved.full_states((k,))
+        step = found if found is not None else step
         save_file({name: states[k] for name, states in full.items()}, str(staging / f"{k}.safetensors"))
+        del full
     meta = {"format": FORMAT, "step": step, "layout": saved.layout, "train_state": saved.train_state}
     (staging / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
     os.replace(staging, out)  # atomic: a universal folder is complete or absent
