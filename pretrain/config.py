@@ -77,6 +77,9 @@ class ParallelConfig:
     # Gradient checkpointing: none | full (every block) | every (every k-th block).
     activation_checkpointing: str = "none"
     checkpoint_every: int = 1
+    # A collective that waits longer than this fails the job (a hung or dead rank) instead of
+    # holding the allocation; raise it when a first step or a checkpoint save is slower.
+    timeout_minutes: float = 30.0
 
 
 @dataclass

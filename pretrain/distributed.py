@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -60,11 +61,13 @@ def init_distributed(parallel: ParallelConfig) -> None:
     if not dist.is_initialized():
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=compat.dist_backend(), verbose=False)
+        timeout = timedelta(minutes=parallel.timeout_minutes)
+        deepspeed.init_distributed(dist_backend=compat.dist_backend(), verbose=False, timeout=timeout)
     if parallel_state.model_parallel_is_initialized():  # an earlier job in this process
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline
+        tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline,
+        distributed_timeout_minutes=parallel.timeout_minutes,
     )
 
 

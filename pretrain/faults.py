@@ -71,9 +71,10 @@ STEP_DELAY_ENV = "PRETRAIN_TEST_STEP_DELAY"
 
 
 def planted_step_delay() -> None:
-    delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
-    if delay > 0:
-        time.sleep(delay)
+    """Test hook: sleep SECONDS after every step, on every rank or (SECONDS@RANK) on one."""
+    seconds, _, rank = os.environ.get(STEP_DELAY_ENV, "").partition("@")
+    if seconds and float(seconds) > 0 and (not rank or int(rank) == dist.get_rank()):
+        time.sleep(float(seconds))
 
 
 def planted_nan_steps() -> set[int]:

@@ -54,6 +54,8 @@ def validate(cfg: DictConfig, world_size: int) -> None:
             f"{world_size} process(es) were launched: launch {tp * pp * dp} (torchrun --nproc_per_node) "
             f"or pick a parallel plan whose sizes multiply to {world_size}"
         )
+    if par.timeout_minutes <= 0:
+        problems.append(f"parallel.timeout_minutes={par.timeout_minutes} must be positive")
     if par.zero_stage not in (0, 1, 2, 3):
         problems.append(f"parallel.zero_stage={par.zero_stage} must be 0, 1, 2 or 3")
     if par.zero_stage >= 2 and pp > 1:

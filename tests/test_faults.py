@@ -22,15 +22,15 @@ TINY = FAST + [
 ]
 
 
-def _command(nproc: int, args: list) -> list:
+def _command(nproc: int, args: list, launcher: tuple = ()) -> list:
     if nproc == 1:
         return [sys.executable, "-m", "pretrain.train", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *launcher,
             "-m", "pretrain.train", *args]
 
 
-def _run(cwd: Path, nproc: int, args: list, env=None, timeout=300):
-    return subprocess.run(_command(nproc, args), env={**child_env(), **(env or {})}, capture_output=True,
+def _run(cwd: Path, nproc: int, args: list, env=None, timeout=300, launcher: tuple = ()):
+    return subprocess.run(_command(nproc, args, launcher), env={**child_env(), **(env or {})}, capture_output=True,
                           text=True, timeout=timeout, cwd=cwd)
 
 
@@ -132,6 +132,19 @@ def test_sigterm_saves_and_exits_then_a_killed_rank_ends_the_job_and_a_relaunch_
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"at step {last}" in proc.stdout + proc.stderr
     assert (ckpts / "latest").read_text() == f"step{last + 2:08d}"
+
+
+def test_a_hung_rank_fails_the_job_after_the_collective_timeout(tmp_path):
+    """Rank 1 stops answering after step 1 (planted 10-minute sleep); rank 0 gives up waiting in the
+    next collective after parallel.timeout_minutes (6 s here), and the job ends instead of holding
+    its allocation for the 30-minute default."""
+    start = time.monotonic()
+    proc = _run(tmp_path, 2, TINY + ["parallel=dp2", "trainer.max_steps=5", "parallel.timeout_minutes=0.1"],
+                env={"PRETRAIN_TEST_STEP_DELAY": "600@1"}, timeout=240,
+                launcher=("--shutdown-timeout=5",))  # torchrun's grace before it SIGKILLs the hung rank
+    assert proc.returncode != 0
+    assert "timed out" in (proc.stdout + proc.stderr).lower(), proc.stderr[-3000:]
+    assert time.monotonic() - start < 180
 
 
 def test_loss_spikes_are_skipped_under_the_pipeline_engine_and_stop_the_run(tmp_path):
