@@ -79,6 +79,7 @@ BAD = {
     "sequence vs positions": (["trainer.seq_length=512"], 1, ["trainer.seq_length=512", "model.max_position_embeddings=256"]),
     "zero2 with pp": (["parallel=pp2", "parallel.zero_stage=2"], 2, ["parallel.zero_stage=2", "pipeline engine"]),
     "zero3 with pp": (["parallel=pp2", "parallel.zero_stage=3"], 2, ["parallel.zero_stage=3", "zero_stage=1 or pipeline=1"]),
+    "timeout": (["parallel.timeout_minutes=0"], 1, ["parallel.timeout_minutes=0", "must be positive"]),
     "bad precision": (["trainer.precision=fp16"], 1, ["trainer.precision='fp16'", "fp32, bf16"]),
     "bad norm": (["model.norm=batchnorm"], 1, ["model.norm='batchnorm'"]),
     "sp without tp": (["parallel.sequence_parallel=true"], 1, ["sequence_parallel=true needs parallel.tensor > 1"]),
