@@ -12,8 +12,8 @@ RNG streams. A save is a commit in three moves:
 
 On resume the newest ``step*`` folder whose files match its manifest wins; a damaged or incomplete
 one is reported and skipped in favour of the one before. A checkpoint saved at another layout
-(tp, pp, dp, ZeRO stage or precision; the manifest records it) is resharded (``reshard.py``). Checkpoints live on a file system every
-rank sees (multi-node runs need a shared one).
+(tp, pp, dp, ZeRO stage or precision; the manifest records it) is resharded (``reshard.py``).
+Checkpoints live on a file system every rank sees (multi-node runs need a shared one).
 """
 
 from __future__ import annotations
@@ -151,7 +151,6 @@ def save(engine: TrainEngine, directory: str, state: TrainState, keep_last: int)
     dist.barrier()
     _crash_if_planted(state.step)
 
-    shapes = reshard.model_shapes(engine.module)
     names = _files(staged) if dist.get_rank() == 0 else None
     box = [names]
     dist.broadcast_object_list(box, src=0)
@@ -163,7 +162,7 @@ def save(engine: TrainEngine, directory: str, state: TrainState, keep_last: int)
             raise OSError(f"checkpoint {staged}: could not read back {broken}")
         manifest = {
             "tag": tag, "train_state": asdict(state), "world_size": dist.get_world_size(), "layout": engine.layout,
-            "shapes": shapes,
+            "shapes": engine.shapes,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": hashes,
         }
         _write_atomic(staged / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
@@ -252,7 +251,7 @@ def resume(engine: TrainEngine, directory: str) -> Optional[TrainState]:
         return None
     manifest = json.loads((Path(directory) / tag / MANIFEST).read_text())
     if "shapes" in manifest:  # refuse another model's checkpoint before DeepSpeed's load fails on it
-        reshard.check_fits(manifest["shapes"], reshard.model_shapes(engine.module), Path(directory) / tag)
+        reshard.check_fits(manifest["shapes"], engine.shapes, Path(directory) / tag)
     saved = manifest.get("layout")
     if saved is not None and saved != engine.layout:
         return _resume_resharded(engine, Path(directory) / tag, saved)

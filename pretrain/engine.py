@@ -24,6 +24,7 @@ from torch import nn
 from pretrain import compat
 from pretrain.config import OptimConfig, ParallelConfig, TrainerConfig
 from pretrain.distributed import MegatronMPU
+from pretrain.reshard import describe, model_shapes
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # tokens [b, s], labels [b, s]
 
@@ -224,6 +225,7 @@ class TrainEngine:
             "tensor": parallel.tensor, "pipeline": parallel.pipeline, "data": parallel.data,
             "zero_stage": self.zero_stage, "precision": "bf16" if self.bf16 else "fp32",
         }
+        self.shapes = model_shapes(self.module)  # {canonical name: full shape} of the whole model
         self._fp32_norm: Optional[float] = None
         if not (self.ds.zero_optimization() or self.ds.bfloat16_enabled()):
             # Without ZeRO/bf16, DeepSpeed's own fp32 clipping discards the norm and counts the
@@ -312,15 +314,13 @@ class TrainEngine:
 
     def save(self, directory: str, tag: str, client_state: dict) -> None:
         """DeepSpeed's checkpoint plus this rank's layout and parameter table (reshard.describe)."""
-        from pretrain.reshard import describe
-
         ranks = {"tp_rank": parallel_state.get_tensor_model_parallel_rank(),
                  "pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
         client_state = {**client_state, "layout": {**self.layout, **ranks}, "parameters": describe(self.module, self.optimizer)}
         self.ds.save_checkpoint(directory, tag=tag, client_state=client_state)
 
     def restore_counters(self, steps: int, samples: int) -> None:
-        """DeepSpeed's step and sample counters, when the state was loaded around its own load_checkpoint."""
+        """Set DeepSpeed's step and sample counters after a load that bypassed its load_checkpoint."""
         self.ds.global_steps = steps
         self.ds.global_samples = samples
 

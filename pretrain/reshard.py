@@ -391,7 +391,7 @@ def load_universal(engine, source: Path) -> dict:
     handles = {k: safe_open(str(source / f"{k}.safetensors"), framework="pt") for k in STATES}
     params = list(canonical_parameters(engine.module))
     stored = {name: handles["fp32"].get_slice(name).get_shape() for name in handles["fp32"].keys()}
-    check_fits(stored, model_shapes(engine.module), source.parent)
+    check_fits(stored, engine.shapes, source.parent)
     step = float(meta["step"] or 0.0)
     optimizer = engine.optimizer
     base = getattr(optimizer, "optimizer", None)  # DeepSpeed's ZeRO / bf16 optimizers wrap torch's

@@ -20,7 +20,6 @@ from pretrain.gns import NoiseScale
 from pretrain.model.gpt import apply_activation_checkpointing, build_model, padded_vocab_size
 from pretrain.model.init import apply_init
 from pretrain.optim import batch_size_at, build_optimizer, lr_at
-from pretrain.reshard import model_shapes
 from pretrain.validate import grad_accum_steps, validate
 
 log = logging.getLogger(__name__)
@@ -76,11 +75,6 @@ def planned_tokens(cfg: DictConfig) -> int:
     return tokens
 
 
-def count_parameters(model) -> int:
-    """Parameters of the whole model (all TP shards and pipeline stages), each counted once. Collective."""
-    return sum(math.prod(shape) for shape in model_shapes(model).values())
-
-
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg = cfg
@@ -134,11 +128,11 @@ class Trainer:
             apply_init_from(model, cfg.model, cfg.model.init_from)
         apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, cfg.parallel.checkpoint_every)
         apply_sequence_parallel_grad_sync(model)
-        self.num_params = count_parameters(model)
         optimizer = build_optimizer(model, cfg.optim)
         self.gate = faults.UpdateGate(optimizer, tr.loss_spike_factor)  # before DeepSpeed wraps the optimizer
         ds_config = deepspeed_config(cfg.parallel, tr, cfg.optim, grad_accum_steps(cfg))
         self.engine = TrainEngine(model, optimizer, ds_config, cfg.parallel, tap_local_grads=cfg.logging.gns)
+        self.num_params = sum(math.prod(shape) for shape in self.engine.shapes.values())
         self.flops_per_token = model_flops_per_token(cfg.model, tr.seq_length, padded_vocab_size(cfg.model))
         self.peak_flops, self.peak_source = peak_flops(tr.precision)
 
