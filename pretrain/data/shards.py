@@ -128,20 +128,12 @@ def write_shards(
             counts[prefix] = (ndocs, ntok)
             on_chunk and on_chunk(nchars)
     else:
-        ctx = mp.get_context("fork")
-        # Set while forking so tokenizers does not warn that it disables its threads in the
-        # children (it must: one thread per worker process).
-        saved = os.environ.get("TOKENIZERS_PARALLELISM")
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        gc.freeze()  # the children's collector then skips (and never copies) inherited objects
-        try:
-            pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_file, eod, True))
-        finally:
-            gc.unfreeze()
-            if saved is None:
-                del os.environ["TOKENIZERS_PARALLELISM"]
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = saved
+        # Workers fork from a fresh server process, never from this one: the trainer calls this
+        # with gloo, OpenMP and tokenizers threads running, and a fork then can deadlock a child
+        # on a lock one of those threads held (seen as a hang of the data prep inside a job).
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["pretrain.data.shards"])
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_file, eod, True))
         with pool:
             for prefix, ndocs, ntok, nchars in pool.imap_unordered(_encode_and_write, tasks):
                 counts[prefix] = (ndocs, ntok)
