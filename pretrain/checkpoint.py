@@ -18,11 +18,9 @@ Checkpoints live on a file system every rank sees (multi-node runs need a shared
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -33,14 +31,14 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-from pretrain import reshard
+from pretrain import reshard, safeload
 from pretrain.engine import TrainEngine
+from pretrain.errors import CheckpointError
+from pretrain.manifest import MANIFEST, checkpoints, compare, file_hash, read_expected
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 STAGING = ".tmp"
-TAG_PATTERN = re.compile(r"^step\d{8}$")
 # Test hook: the step whose save dies (os._exit) after the files are written, before the commit.
 CRASH_ENV = "PRETRAIN_TEST_CRASH_IN_SAVE"
 
@@ -71,16 +69,6 @@ def _rng_file(tag_dir: Path) -> Path:
     return tag_dir / "rng" / f"rank{dist.get_rank():05d}.pt"
 
 
-def _hash(path: Path) -> dict:
-    """Size and sha256 of a file; also flushes it to disk (fsync works on a read-only descriptor)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-        os.fsync(f.fileno())
-    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
 def _files(tag_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
 
@@ -91,7 +79,7 @@ def _shared_hashes(tag_dir: Path, names: list[str]) -> dict:
     mine = {}
     for name in names[rank::world]:
         try:
-            mine[name] = _hash(tag_dir / name)
+            mine[name] = file_hash(tag_dir / name)
         except OSError as err:
             mine[name] = {"error": str(err)}
     parts = [None] * world
@@ -123,14 +111,6 @@ def _crash_if_planted(step: int) -> None:
     if os.environ.get(CRASH_ENV) == str(step):
         log.error("%s=%d: dying in the middle of a checkpoint write (test hook)", CRASH_ENV, step)
         os._exit(86)
-
-
-def checkpoints(directory: str) -> list[str]:
-    """Committed checkpoint tags in ``directory``, oldest first (not verified)."""
-    root = Path(directory)
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
 
 
 def save(engine: TrainEngine, directory: str, state: TrainState, keep_last: int) -> str:
@@ -187,83 +167,65 @@ def verify(tag_dir: Path) -> Optional[str]:
 
     Collective: the hashing is split over the ranks, and every rank gets the same answer.
     """
-    problem = None
-    if dist.get_rank() == 0:
-        try:
-            manifest = json.loads((tag_dir / MANIFEST).read_text())
-            expected = manifest["files"]
-        except FileNotFoundError:
-            problem = f"no {MANIFEST} (an incomplete or pre-manifest checkpoint)"
-        except (ValueError, KeyError) as err:
-            problem = f"unreadable {MANIFEST} ({err})"
-        else:
-            for name, want in expected.items():
-                path = tag_dir / name
-                if not path.is_file():
-                    problem = f"{name} is missing"
-                elif path.stat().st_size != want["size"]:
-                    problem = f"{name} has {path.stat().st_size} bytes, the manifest says {want['size']}"
-                if problem:
-                    break
-    box = [problem, None]
-    if dist.get_rank() == 0 and problem is None:
-        box[1] = manifest["files"]
+    box = list(read_expected(tag_dir)) if dist.get_rank() == 0 else [None, None]
     dist.broadcast_object_list(box, src=0)
     problem, expected = box
     if problem is not None:
         return problem
-    actual = _shared_hashes(tag_dir, sorted(expected))
-    for name in sorted(expected):
-        got = actual[name]
-        if "error" in got:
-            return f"{name} cannot be read ({got['error']})"
-        if got["sha256"] != expected[name]["sha256"]:
-            return f"{name} does not match its checksum (sha256 {got['sha256'][:12]}..., manifest {expected[name]['sha256'][:12]}...)"
-    return None
-
-
-def latest_tag(directory: str) -> Optional[str]:
-    pointer = Path(directory) / "latest"
-    return pointer.read_text().strip() if pointer.is_file() else None
+    return compare(expected, _shared_hashes(tag_dir, sorted(expected)))
 
 
 def newest_valid(directory: str) -> Optional[str]:
     """The newest checkpoint in ``directory`` that verifies; reports (rank 0) each one skipped. Collective."""
     tags = checkpoints(directory)
+    reasons = []
     for tag in reversed(tags):
         problem = verify(Path(directory) / tag)
         if problem is None:
             return tag
+        reasons.append(f"{tag}: {problem}")
         if dist.get_rank() == 0:
             log.warning("checkpoint %s/%s is damaged or incomplete and is skipped: %s", directory, tag, problem)
     if tags:
-        raise RuntimeError(
-            f"no checkpoint in {directory} is intact ({', '.join(tags)}: see the warnings above). "
+        raise CheckpointError(
+            f"no checkpoint in {directory} is intact ({'; '.join(reasons)}). "
             "Restore one, point checkpoint.dir elsewhere, or set checkpoint.resume=never to start afresh"
         )
     return None
 
 
-def resume(engine: TrainEngine, directory: str) -> Optional[TrainState]:
-    """Load the newest intact checkpoint in ``directory`` into the engine; None if there is none. Collective."""
-    tag = newest_valid(directory)
+def resume(engine: TrainEngine, directory: str, tag: Optional[str] = None) -> Optional[TrainState]:
+    """Load checkpoint ``tag`` of ``directory`` (default: the newest intact one) into the engine.
+
+    None if there is no checkpoint. A named tag that fails its manifest is refused. Collective.
+    """
     if tag is None:
-        return None
+        tag = newest_valid(directory)
+        if tag is None:
+            return None
+    else:
+        problem = verify(Path(directory) / tag)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {directory}/{tag} is damaged: {problem}. Name another checkpoint "
+                                  "in checkpoint.resume, or its run directory to take the newest intact one")
     manifest = json.loads((Path(directory) / tag / MANIFEST).read_text())
-    if "shapes" in manifest:  # refuse another model's checkpoint before DeepSpeed's load fails on it
-        reshard.check_fits(manifest["shapes"], engine.shapes, Path(directory) / tag)
-    saved = manifest.get("layout")
+    shapes, saved = manifest.get("shapes"), manifest.get("layout")
+    if not isinstance(shapes, (dict, type(None))) or not isinstance(saved, (dict, type(None))):
+        raise CheckpointError(f"{directory}/{tag}/{MANIFEST}: its 'shapes' and 'layout' entries are not tables; "
+                              "the manifest was not written by pretrain")
+    if shapes is not None:  # refuse another model's checkpoint before DeepSpeed's load fails on it
+        reshard.check_fits(shapes, engine.shapes, Path(directory) / tag)
     if saved is not None and saved != engine.layout:
         return _resume_resharded(engine, Path(directory) / tag, saved)
     client_state = engine.load(directory, tag)
     if client_state is None or "train_state" not in client_state:
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {directory}/{tag} has no trainer state; it was not written by pretrain. "
             "Point checkpoint.resume at a pretrain checkpoint directory or set checkpoint.resume=never"
         )
     rng = _rng_file(Path(directory) / tag)
     if rng.is_file():
-        states = torch.load(rng, weights_only=False)
+        states = safeload.load(rng)
         torch.set_rng_state(states["torch"])
         get_cuda_rng_tracker().set_states(states["tracker"])
     else:
@@ -277,7 +239,8 @@ def _resume_resharded(engine: TrainEngine, tag_dir: Path, saved: dict) -> TrainS
         changed = ", ".join(f"{k} {saved.get(k)} -> {v}" for k, v in engine.layout.items() if saved.get(k) != v)
         log.warning("checkpoint %s was saved at another layout (%s): resharding its weights and optimizer state",
                     tag_dir, changed)
-    meta = reshard.load_universal(engine, reshard.ensure_universal(tag_dir))
+    with reshard.malformed(tag_dir):
+        meta = reshard.load_universal(engine, reshard.ensure_universal(tag_dir))
     state = TrainState.from_dict(meta["train_state"])
     engine.restore_counters(state.step, state.consumed_samples)
     if dist.get_rank() == 0:

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import nn
 
-from pretrain import compat
+from pretrain import compat, safeload
 from pretrain.config import OptimConfig, ParallelConfig, TrainerConfig
 from pretrain.distributed import MegatronMPU
 from pretrain.reshard import describe, model_shapes
@@ -218,6 +218,8 @@ class TrainEngine:
         )
         if self.tap is not None and self.pipeline:
             self.tap.wrap_pipeline(self.ds)
+        # DeepSpeed's loader unpickles with weights_only=False; every file it reads goes through ours.
+        self.ds.checkpoint_engine.load = safeload.load_for_deepspeed
         self.zero_stage = config["zero_optimization"]["stage"]
         self.bf16 = config["bf16"]["enabled"]
         # What a checkpoint of this engine depends on; resuming at another layout goes through reshard.py.

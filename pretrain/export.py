@@ -22,10 +22,12 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pretrain.reshard import ReshardError, SavedCheckpoint
+from pretrain import manifest
+from pretrain.errors import UserError, user_errors
+from pretrain.reshard import SavedCheckpoint, malformed
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """The checkpoint or its settings cannot be exported; the message names the cause."""
 
 
@@ -34,19 +36,15 @@ class ExportError(ValueError):
 
 
 def find_tag(path: str, tag: Optional[str] = None) -> tuple[Path, str]:
-    """(checkpoint dir, tag) for a run dir, its checkpoints dir or a tag dir."""
-    path = Path(path).resolve()
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    if not (path / "latest").is_file() and (path.parent / "latest").is_file() and tag is None:
-        path, tag = path.parent, path.name
-    if tag is None:
-        if not (path / "latest").is_file():
-            raise ExportError(f"{path}: no 'latest' file; pass a pretrain checkpoint directory or --tag")
-        tag = (path / "latest").read_text().strip()
-    if not (path / tag).is_dir():
-        raise ExportError(f"{path}/{tag}: no such checkpoint")
-    return path, tag
+    """(checkpoint dir, tag) for a run dir, its checkpoints dir or a tag dir, after the integrity check.
+
+    Without a tag (in ``tag`` or the path), the newest intact checkpoint, damaged newer ones
+    skipped with the reason on stderr; a named tag that is damaged is refused.
+    """
+    ckpt_dir, named = manifest.resolve(path)
+    if tag is not None and named is not None and tag != named:
+        raise ExportError(f"{path} is checkpoint {named}, but --tag {tag} was given; pass one of them")
+    return ckpt_dir, manifest.select(ckpt_dir, tag or named)
 
 
 def locate(path: str, tag: Optional[str] = None, config: Optional[str] = None) -> tuple[DictConfig, Path, str]:
@@ -55,15 +53,19 @@ def locate(path: str, tag: Optional[str] = None, config: Optional[str] = None) -
     config_path = Path(config) if config else path.parent / "config.yaml"
     if not config_path.is_file():
         raise ExportError(f"{config_path}: resolved run config not found; pass --config RUN_DIR/config.yaml")
-    return OmegaConf.load(config_path), path, tag
+    try:
+        cfg = OmegaConf.load(config_path)
+    except Exception as err:  # YAML syntax or encoding: the file is damaged or not a run config
+        raise ExportError(f"{config_path}: not a readable run config ({type(err).__name__}: {err})") from None
+    if not isinstance(cfg, DictConfig) or not isinstance(cfg.get("model"), DictConfig) or "data" not in cfg:
+        raise ExportError(f"{config_path}: not a pretrain run config (no model/data sections); pass --config RUN_DIR/config.yaml")
+    return cfg, path, tag
 
 
 def consolidate(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """Full fp32 master weights under canonical names from a checkpoint of any layout."""
-    try:
+    with malformed(Path(ckpt_dir) / tag):
         full, _ = SavedCheckpoint(Path(ckpt_dir) / tag).full_states(("fp32",))
-    except ReshardError as err:
-        raise ExportError(str(err)) from err
     return {name: states["fp32"] for name, states in full.items()}
 
 
@@ -229,14 +231,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="run dir, its checkpoints dir, or a tag dir")
     parser.add_argument("out_dir")
-    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' one)")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest intact one)")
     parser.add_argument("--config", default=None, help="the run's config.yaml if not beside the checkpoints dir")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
+    with user_errors("export", ["--debug"] if args.debug else []):
         out = export(args.checkpoint, args.out_dir, args.tag, args.config)
-    except ExportError as err:
-        raise SystemExit(f"export: {err}")
     print(f"wrote {out}")
 
 

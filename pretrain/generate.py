@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
+
+from pretrain.errors import CheckpointError, UserError, user_errors
 
 
 class KVCache:
@@ -71,11 +72,11 @@ def build_inference_model(model_cfg, canonical: dict[str, torch.Tensor]) -> nn.M
     missing = sorted(set(params) - set(canonical))
     unexpected = sorted(set(canonical) - set(params))
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not fit the configured model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(f"checkpoint does not fit the configured model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     with torch.no_grad():
         for name, p in params.items():
             if tuple(canonical[name].shape) != tuple(p.shape):
-                raise ValueError(
+                raise CheckpointError(
                     f"checkpoint tensor {name} has shape {tuple(canonical[name].shape)}, the configured model "
                     f"expects {tuple(p.shape)}"
                 )
@@ -173,17 +174,50 @@ def main(argv=None) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
+    with user_errors("generate", ["--debug"] if args.debug else []):
+        _run(args)
+
+
+def _check_sampling(args) -> None:
+    problems = []
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
+    if args.temperature < 0:
+        problems.append(f"--temperature {args.temperature} must be >= 0 (0: greedy)")
+    if args.top_k < 0:
+        problems.append(f"--top-k {args.top_k} must be >= 0 (0: off)")
+    if not 0 < args.top_p <= 1:
+        problems.append(f"--top-p {args.top_p} must be in (0, 1]")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def prompt_ids(text: str, vocab_size: int) -> list[int]:
+    """Token ids from ``--prompt-ids`` ("1,2,3"), each checked against the model's vocabulary."""
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--prompt-ids {text!r}: expected comma-separated integers, e.g. --prompt-ids 1,2,3") from None
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise UserError(f"--prompt-ids: {bad[:5]} outside the model's vocabulary [0, {vocab_size}) (model.vocab_size)")
+    return ids
+
+
+def _run(args) -> None:
+    _check_sampling(args)
     torch.set_grad_enabled(False)
     model_cfg, model, tokenizer = load(args.model)
     if args.prompt_ids is not None:
-        ids = [int(t) for t in args.prompt_ids.split(",")]
+        ids = prompt_ids(args.prompt_ids, model_cfg.vocab_size)
     elif tokenizer is not None:
         ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
     else:
-        raise SystemExit("generate: this model has no tokenizer (synthetic data); pass --prompt-ids")
+        raise UserError("this model has no tokenizer (synthetic data); pass --prompt-ids 1,2,3")
     if not ids:
-        raise SystemExit("generate: empty prompt")
+        raise UserError("empty prompt: pass --prompt TEXT or --prompt-ids 1,2,3")
     eos = tokenizer.token_to_id("<|endoftext|>") if tokenizer is not None else None
     out = generate(
         model, torch.tensor([ids]), args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from pretrain.config import ModelConfig
+from pretrain.errors import UserError, user_errors
 
 # The settings that decide parameter shapes and the forward math; init_from checks them.
 ARCHITECTURE = (
@@ -27,7 +29,7 @@ ARCHITECTURE = (
 )
 
 
-class HFImportError(ValueError):
+class HFImportError(UserError):
     """A transformers model this framework cannot represent; the message names the setting."""
 
 
@@ -43,12 +45,36 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise HFImportError(f"{path}: no model.safetensors (only safetensors checkpoints are read)")
     sd = {}
     for f in files:
-        sd.update(load_file(str(path / f)))
+        try:
+            sd.update(load_file(str(path / f)))
+        except (OSError, RuntimeError, ValueError) as err:  # safetensors' SafetensorError is a RuntimeError
+            raise HFImportError(f"{path / f}: cannot be read as safetensors ({err}); the file is damaged or truncated") from None
     return {k: v.float() for k, v in sd.items()}
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise HFImportError(f"{path}: missing; pass a transformers model folder (config.json + model.safetensors)") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise HFImportError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise HFImportError(f"{path}: expected a JSON object")
+    return value
+
+
 def _model_config(hf: dict) -> ModelConfig:
-    kind = hf.get("model_type")
+    if hf.get("model_type") not in ("gpt2", "llama"):
+        raise HFImportError(f"model_type={hf.get('model_type')}: only gpt2 and llama checkpoints can be imported")
+    try:
+        return _known_model_config(hf)
+    except KeyError as err:
+        raise HFImportError(f"config.json has no {err} (model_type={hf['model_type']}); is it a transformers config?") from None
+
+
+def _known_model_config(hf: dict) -> ModelConfig:
+    kind = hf["model_type"]
     vocab = hf["vocab_size"]
     if kind == "gpt2":
         act = hf.get("activation_function", "gelu_new")
@@ -66,7 +92,7 @@ def _model_config(hf: dict) -> ModelConfig:
             norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), position_embedding="learned",
             activation="gelu", bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
         )
-    if kind == "llama":
+    if kind == "llama":  # the only other kind _model_config lets through
         if hf.get("hidden_act", "silu") != "silu":
             raise HFImportError(f"Llama hidden_act={hf['hidden_act']}: only silu (SwiGLU) is supported")
         rope = hf.get("rope_parameters") or {}
@@ -84,7 +110,6 @@ def _model_config(hf: dict) -> ModelConfig:
             rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))), activation="swiglu",
             bias=bool(hf.get("attention_bias", False)), tie_embeddings=hf.get("tie_word_embeddings", False),
         )
-    raise HFImportError(f"model_type={kind}: only gpt2 and llama checkpoints can be imported")
 
 
 def _fuse_qkv(q, k, v, kv: int, d: int) -> torch.Tensor:
@@ -105,9 +130,13 @@ def from_hf(path) -> tuple:
     from pretrain.model.layers import head_dim
 
     path = Path(path)
-    hf = json.loads((path / "config.json").read_text())
+    hf = _read_json(path / "config.json")
     ours = path / "pretrain_model.json"  # written by export: the exact original settings
-    m = OmegaConf.merge(OmegaConf.structured(ModelConfig), json.loads(ours.read_text()) if ours.is_file() else _model_config(hf))
+    try:
+        m = OmegaConf.merge(OmegaConf.structured(ModelConfig), _read_json(ours) if ours.is_file() else _model_config(hf))
+    except OmegaConfBaseException as err:
+        raise HFImportError(f"{ours if ours.is_file() else path / 'config.json'}: not a model config this framework "
+                            f"knows ({err})") from None
     sd = _read_weights(path)
     vocab, d = padded_vocab_size(m), head_dim(m)
     kv = m.num_kv_heads or m.num_attention_heads
@@ -185,11 +214,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pretrain.import_hf", description=__doc__.split("\n\n")[0])
     parser.add_argument("hf_dir")
     parser.add_argument("--name", default=None, help="model name in the printed config")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    try:
+    with user_errors("import_hf", ["--debug"] if args.debug else []):
         m, _ = from_hf(args.hf_dir)
-    except HFImportError as err:
-        raise SystemExit(f"import_hf: {err}")
     m.name = args.name or m.name
     m.init_from = str(Path(args.hf_dir).resolve()) if "init_from" in m else None
     body = {k: v for k, v in OmegaConf.to_container(m).items() if v is not None and not k.startswith("reference_")}

@@ -21,11 +21,13 @@ The conversion holds one full fp32 copy of the model (4 bytes per parameter) at 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -34,13 +36,16 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import nn
 
+from pretrain import manifest, safeload
+from pretrain.errors import CheckpointError
+
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
 UNIVERSAL = "universal"
 META = "meta.json"
 FORMAT = 1
 
 
-class ReshardError(ValueError):
+class ReshardError(CheckpointError):
     """The checkpoint cannot be read or does not fit the model; the message names the cause."""
 
 
@@ -95,7 +100,7 @@ def describe(module: nn.Module, optimizer) -> dict:
 
 
 def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return safeload.load(path, mmap=True)
 
 
 def gather_tp(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
@@ -289,12 +294,43 @@ def universal_dir(tag_dir: Path) -> Path:
 
 
 def convert(tag_dir: Path) -> Path:
-    """Write ``<tag>/universal/`` from a checkpoint of any layout (once; later calls reuse it)."""
+    """Write ``<tag>/universal/`` from a checkpoint of any layout (once; later calls reuse it if intact)."""
+    out = universal_dir(tag_dir)
+    if out.is_dir():
+        why = _universal_problem(out)
+        if why is None:
+            return out
+        print(f"warning: {out} is damaged ({why}); converting the checkpoint again", file=sys.stderr, flush=True)
+        shutil.rmtree(out)
+    with malformed(tag_dir):
+        return _convert(tag_dir, out)
+
+
+def _universal_problem(out: Path) -> Optional[str]:
+    """Why a universal folder cannot be reused, or None (its files match the checksums in meta.json)."""
+    try:
+        files = json.loads((out / META).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"unreadable {META} ({type(err).__name__}: {err})"
+    found, expected = manifest.read_expected_files(out, files)
+    return found or manifest.compare(expected, manifest.hashes(out, sorted(expected)))
+
+
+@contextlib.contextmanager
+def malformed(tag_dir: Path):
+    """A checkpoint file that loads but is not laid out as pretrain writes it: a named error, not a traceback."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, IndexError) as err:
+        raise ReshardError(
+            f"{tag_dir}: its files are not laid out as a pretrain checkpoint ({type(err).__name__}: {err}); "
+            "was it written by another tool or damaged before its manifest was written?"
+        ) from None
+
+
+def _convert(tag_dir: Path, out: Path) -> Path:
     from safetensors.torch import save_file
 
-    out = universal_dir(tag_dir)
-    if (out / META).is_file():
-        return out
     saved = SavedCheckpoint(tag_dir)
     staging = Path(tag_dir) / f".{UNIVERSAL}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
@@ -305,7 +341,8 @@ def convert(tag_dir: Path) -> Path:
         step = found if found is not None else step
         save_file({name: states[k] for name, states in full.items()}, str(staging / f"{k}.safetensors"))
         del full
-    meta = {"format": FORMAT, "step": step, "layout": saved.layout, "train_state": saved.train_state}
+    files = manifest.hashes(staging, sorted(p.name for p in staging.iterdir()))
+    meta = {"format": FORMAT, "step": step, "layout": saved.layout, "train_state": saved.train_state, "files": files}
     (staging / META).write_text(json.dumps(meta, indent=1, sort_keys=True))
     os.replace(staging, out)  # atomic: a universal folder is complete or absent
     return out
@@ -317,7 +354,9 @@ def ensure_universal(tag_dir: Path) -> Path:
     if dist.get_rank() == 0:
         try:
             convert(tag_dir)
-        except (ReshardError, OSError, KeyError, RuntimeError) as err:
+        except CheckpointError as err:  # a damaged or hostile file: its message names it
+            problem = str(err)
+        except (OSError, RuntimeError) as err:
             problem = f"{type(err).__name__}: {err}"
     box = [problem]
     dist.broadcast_object_list(box, src=0)
@@ -440,18 +479,18 @@ def load_universal(engine, source: Path) -> dict:
 
 
 def main(argv=None) -> None:
+    from pretrain.errors import user_errors
     from pretrain.export import find_tag
 
     parser = argparse.ArgumentParser(prog="python -m pretrain.reshard", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="run dir, its checkpoints dir, or a tag dir")
-    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the 'latest' one)")
+    parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest intact one)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
+    with user_errors("reshard", ["--debug"] if args.debug else []):
         ckpt_dir, tag = find_tag(args.checkpoint, args.tag)
         out = convert(Path(ckpt_dir) / tag)
-    except (ReshardError, ValueError) as err:
-        raise SystemExit(f"reshard: {err}")
     meta = json.loads((out / META).read_text())
     print(f"wrote {out} (saved at {meta['layout']}, step {meta['train_state'].get('step')})")
 

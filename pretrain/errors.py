@@ -1,0 +1,97 @@
+"""One user-error type, and how every entry point reports it.
+
+``UserError`` is what bad input raises (a config, a data source, a checkpoint, a command line):
+its message names the key, file or line and says how to fix it. ``ConfigError``, ``DataConfigError``,
+``ReshardError``, ``ExportError``, ``HFImportError`` and the checkpoint errors derive from it.
+
+Every entry point (train, data, export, import_hf, generate, reshard, launch, bench) runs its body
+under ``user_errors``: a ``UserError`` becomes ``<prog>: error: <message>`` on stderr and exit code 2,
+with no traceback. ``--debug`` on the command line or ``HYDRA_FULL_ERROR=1`` in the environment
+re-raises it with its traceback instead. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import sys
+from typing import Iterator, Optional
+
+EXIT_USER_ERROR = 2
+DEBUG_ENV = "HYDRA_FULL_ERROR"
+
+
+class UserError(ValueError):
+    """Bad input; the message names what is wrong and the fix."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be trusted or read: damaged, truncated, or holding code."""
+
+
+def debugging(argv: Optional[list[str]] = None) -> bool:
+    """True when the user asked for tracebacks (``--debug`` or HYDRA_FULL_ERROR=1)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return os.environ.get(DEBUG_ENV) == "1" or "--debug" in argv
+
+
+def report(prog: str, err: BaseException) -> None:
+    """Print a user error the way every entry point does, on stderr and in the log."""
+    message = f"{prog}: error: {err}"
+    print(message, file=sys.stderr, flush=True)
+    logging.getLogger("pretrain").debug("%s", message)
+
+
+@contextlib.contextmanager
+def user_errors(prog: str, argv: Optional[list[str]] = None) -> Iterator[None]:
+    """Turn a UserError raised inside into exit code 2 and a one-paragraph message."""
+    try:
+        yield
+    except UserError as err:
+        if debugging(argv):
+            raise
+        report(prog, err)
+        sys.exit(EXIT_USER_ERROR)
+
+
+class HydraEntry:
+    """Exit codes for a ``@hydra.main`` entry point, the same as for every other one.
+
+    Hydra reports a config it cannot compose (an unknown key, a value of the wrong type, a missing
+    group option) with its message and no traceback, but exits 1, as it does for a crash inside the
+    job. ``run`` tells them apart: an exit 1 before the task function started is bad input (exit 2);
+    a UserError inside the task is reported by ``user_errors``.
+
+        entry = HydraEntry("train")
+
+        @hydra.main(...)
+        @entry.task
+        def _main(cfg): ...
+
+        def main(): entry.run(_main)
+    """
+
+    def __init__(self, prog: str):
+        self.prog = prog
+        self.started = False
+
+    def task(self, fn):
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            self.started = True
+            with user_errors(self.prog):
+                return fn(*args, **kwargs)
+
+        return wrapped
+
+    def run(self, hydra_main) -> None:
+        try:
+            hydra_main()
+        except SystemExit as exit_:
+            if exit_.code == 1 and not self.started:
+                print(f"{self.prog}: error: the configuration could not be composed (see above); fix the "
+                      "override it names (--help lists the config groups and their options)", file=sys.stderr)
+                sys.exit(EXIT_USER_ERROR)
+            raise
