@@ -6,6 +6,7 @@ own section. Runtime counters (step, tokens seen) live in ``TrainState``, never 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -64,6 +65,19 @@ class ModelConfig:
     reference_params: Optional[str] = None
     reference_batch_tokens: Optional[int] = None
     reference_lr: Optional[float] = None
+
+
+def head_dim(cfg: ModelConfig) -> int:
+    return cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+
+
+def ffn_hidden_size(cfg: ModelConfig) -> int:
+    if cfg.ffn_hidden_size:
+        return cfg.ffn_hidden_size
+    if cfg.activation == "swiglu":
+        hidden = int(2 * 4 * cfg.hidden_size / 3)
+        return cfg.ffn_multiple_of * math.ceil(hidden / cfg.ffn_multiple_of)
+    return 4 * cfg.hidden_size
 
 
 @dataclass

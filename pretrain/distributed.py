@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -20,28 +19,8 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state
 
 from pretrain import compat
+from pretrain.environment import adopt_slurm_tasks, world_size_from_env  # noqa: F401 (re-exported)
 from pretrain.config import ParallelConfig
-
-
-def adopt_slurm_tasks() -> None:
-    """Slurm tasks started without torchrun (``srun python -m pretrain.train``, or a Hydra sweep
-    through hydra-submitit-launcher) take their rank and world size from Slurm; the rendezvous is
-    the job's first node, on a port derived from the job id. A no-op under torchrun."""
-    env = os.environ
-    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) < 2:
-        return
-    first_node = subprocess.run(
-        ["scontrol", "show", "hostnames", env["SLURM_JOB_NODELIST"]], capture_output=True, text=True, check=True
-    ).stdout.split()[0]
-    env.update(
-        RANK=env["SLURM_PROCID"], WORLD_SIZE=env["SLURM_NTASKS"], LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
-        MASTER_ADDR=first_node, MASTER_PORT=str(20000 + int(env["SLURM_JOB_ID"]) % 20000),
-    )
-
-
-def world_size_from_env() -> int:
-    adopt_slurm_tasks()
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _free_port() -> int:

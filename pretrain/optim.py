@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from pretrain.config import OptimConfig
-from pretrain.model.gpt import canonical_parameters
 
 _EMBEDDINGS = ("embed.word.weight", "embed_out.pos.weight")
 
@@ -16,6 +15,8 @@ _EMBEDDINGS = ("embed.word.weight", "embed_out.pos.weight")
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """Weight decay on matrices; none on biases and norm gains (and embeddings if so configured)."""
     decay, no_decay = [], []
+    from pretrain.model.gpt import canonical_parameters  # lazy: validation imports this module for the schedules
+
     for name, p in canonical_parameters(model):
         if p.ndim < 2 or (not cfg.decay_embeddings and name in _EMBEDDINGS):
             no_decay.append(p)

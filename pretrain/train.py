@@ -1,35 +1,41 @@
-"""``python -m pretrain.train [overrides]`` (console script ``pretrain-train``): compose, validate, train."""
+"""``python -m pretrain.train [overrides]`` (console script ``pretrain-train``): compose, validate, train.
+
+The config is validated on every rank before anything heavy is imported or any process group
+starts; a bad one (or bad data settings, or an unusable checkpoint) exits with code 2 and a message
+naming the key, file or line (``pretrain.errors``).
+"""
 
 from __future__ import annotations
-
-import logging
-import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from pretrain.config import CONF_DIR, register_configs
-from pretrain.reshard import ReshardError
-from pretrain.trainer import Trainer
-from pretrain.validate import ConfigError
-
-log = logging.getLogger("pretrain")
+from pretrain.errors import HydraEntry
 
 register_configs()
+entry = HydraEntry("train")
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@entry.task
 def _main(cfg: DictConfig) -> None:
-    try:
-        Trainer(cfg, HydraConfig.get().runtime.output_dir).run()
-    except (ConfigError, ReshardError) as err:
-        log.error("%s", err)
-        sys.exit(2)
+    from pretrain.environment import world_size_from_env
+    from pretrain.validate import validate
+
+    validate(cfg, world_size_from_env())
+    if cfg.data.name != "synthetic":
+        from pretrain.data import validate_data_config
+
+        validate_data_config(cfg.data)
+    from pretrain.trainer import Trainer  # megatron-core and DeepSpeed: seconds to import
+
+    Trainer(cfg, HydraConfig.get().runtime.output_dir).run()
 
 
 def main() -> None:
-    _main()
+    entry.run(_main)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,17 @@ Every problem found is reported together; each names the keys involved and how t
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 from omegaconf import DictConfig
 
+from pretrain.errors import UserError
 
-class ConfigError(ValueError):
+log = logging.getLogger(__name__)
+
+
+class ConfigError(UserError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -32,9 +39,41 @@ def _get(cfg: DictConfig, dotted: str):
     return node
 
 
+def _at_least(problems: list[str], section: DictConfig, prefix: str, keys: tuple[str, ...], low: float) -> None:
+    for key in keys:
+        value = section[key]
+        if value is not None and value < low:
+            problems.append(f"{prefix}.{key}={value} must be >= {low:g}")
+
+
 def validate(cfg: DictConfig, world_size: int) -> None:
-    """Raise ConfigError listing every problem. ``world_size`` is the number of launched processes."""
-    from pretrain.model.layers import ffn_hidden_size, head_dim
+    """Raise ConfigError listing every problem. ``world_size`` is the number of launched processes.
+
+    Cheap and import-light: the entry points call it before process groups, data or models exist.
+    """
+    problems = _sizes(cfg)
+    if problems:  # the rules below divide by these sizes
+        raise ConfigError(problems)
+    problems += _rules(cfg, world_size)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _sizes(cfg: DictConfig) -> list[str]:
+    """Sizes that must be positive before any other rule can use them."""
+    problems: list[str] = []
+    m, par, tr = cfg.model, cfg.parallel, cfg.trainer
+    _at_least(problems, m, "model", ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
+                                      "vocab_multiple", "ffn_multiple_of", "num_kv_heads", "head_dim",
+                                      "ffn_hidden_size", "vocab_size"), 1)
+    _at_least(problems, par, "parallel", ("tensor", "pipeline", "data"), 1)
+    _at_least(problems, tr, "trainer", ("seq_length", "micro_batch_size", "global_batch_size", "grad_accum_steps",
+                                         "max_steps"), 1)
+    return problems
+
+
+def _rules(cfg: DictConfig, world_size: int) -> list[str]:
+    from pretrain.config import ffn_hidden_size, head_dim
 
     problems: list[str] = []
     m, par, tr, opt = cfg.model, cfg.parallel, cfg.trainer, cfg.optim
@@ -45,9 +84,6 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         if value not in choices:
             problems.append(f"{key}={value!r} is not one of {', '.join(choices)}")
 
-    for key in ("tensor", "pipeline", "data"):
-        if par[key] < 1:
-            problems.append(f"parallel.{key}={par[key]} must be >= 1")
     if tp * pp * dp != world_size:
         problems.append(
             f"parallel.tensor * parallel.pipeline * parallel.data = {tp}*{pp}*{dp} = {tp * pp * dp}, but "
@@ -86,7 +122,11 @@ def validate(cfg: DictConfig, world_size: int) -> None:
         problems.append(f"FFN size {ffn} (model.ffn_hidden_size) is not divisible by parallel.tensor={tp}")
     if m.vocab_multiple % tp:
         problems.append(f"model.vocab_multiple={m.vocab_multiple} is not divisible by parallel.tensor={tp}")
-    if m.num_layers % pp:
+    if m.num_layers < pp:
+        problems.append(
+            f"model.num_layers={m.num_layers} is smaller than parallel.pipeline={pp}: every stage needs a block"
+        )
+    elif m.num_layers % pp:
         problems.append(
             f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline={pp}: stages need equal block counts"
         )
@@ -102,10 +142,24 @@ def validate(cfg: DictConfig, world_size: int) -> None:
     if m.local_window is not None and m.local_window < 1:
         problems.append(f"model.local_window={m.local_window} must be >= 1")
 
+    for key in ("hidden_dropout", "attention_dropout"):
+        if not 0 <= m[key] < 1:
+            problems.append(f"model.{key}={m[key]} must be in [0, 1): it is the probability of zeroing an activation")
+    for key in ("init_std", "norm_eps", "rope_theta"):
+        if not m[key] > 0:
+            problems.append(f"model.{key}={m[key]} must be > 0")
+    vocab = cfg.data.get("tokenizer", {}).get("vocab_size") if "data" in cfg else None
+    if m.vocab_size is not None and vocab is not None and m.vocab_size < vocab:
+        problems.append(
+            f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's data.tokenizer.vocab_size={vocab}: "
+            "leave model.vocab_size null to take the tokenizer's size"
+        )
+    if m.init_from is not None and not (Path(m.init_from) / "config.json").is_file():
+        problems.append(f"model.init_from={m.init_from}: no transformers config.json there; point it at a "
+                        "transformers model folder (GPT2LMHeadModel or LlamaForCausalLM)")
+
     mb, gb = tr.micro_batch_size, tr.global_batch_size
-    if mb < 1 or gb < 1:
-        problems.append("trainer.micro_batch_size and trainer.global_batch_size must be >= 1")
-    elif tr.grad_accum_steps is not None:
+    if tr.grad_accum_steps is not None:
         if mb * tr.grad_accum_steps * dp != gb:
             problems.append(
                 f"trainer.global_batch_size={gb} != trainer.micro_batch_size * trainer.grad_accum_steps * parallel.data "
@@ -122,13 +176,67 @@ def validate(cfg: DictConfig, world_size: int) -> None:
                 f"optim.ramp_start_batch={opt.ramp_start_batch} must be a multiple of micro_batch_size * parallel.data "
                 f"= {mb * dp} and at most trainer.global_batch_size={gb}"
             )
-    if tr.max_steps < 1:
-        problems.append(f"trainer.max_steps={tr.max_steps} must be >= 1")
     if opt.lr <= 0:
         problems.append(f"optim.lr={opt.lr} must be > 0")
+    problems += _optim_rules(cfg)
+    problems += _run_rules(cfg)
+    return problems
 
-    if problems:
-        raise ConfigError(problems)
+
+def _optim_rules(cfg: DictConfig) -> list[str]:
+    opt, tr = cfg.optim, cfg.trainer
+    problems: list[str] = []
+    if not 0 <= opt.min_lr_ratio <= 1:
+        problems.append(f"optim.min_lr_ratio={opt.min_lr_ratio} must be in [0, 1] (the final LR over the peak LR)")
+    if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
+        problems.append(f"optim.betas={list(opt.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+    if not opt.eps > 0:
+        problems.append(f"optim.eps={opt.eps} must be > 0")
+    _at_least(problems, opt, "optim", ("weight_decay", "grad_clip", "warmup_tokens", "ramp_tokens"), 0)
+    if opt.decay_tokens is not None and opt.decay_tokens < 1:
+        problems.append(f"optim.decay_tokens={opt.decay_tokens} must be >= 1 (or null: the whole run)")
+    if opt.decay_tokens is not None and 0 < opt.decay_tokens <= opt.warmup_tokens:
+        problems.append(
+            f"optim.decay_tokens={opt.decay_tokens} is not beyond optim.warmup_tokens={opt.warmup_tokens}: the cosine "
+            "decay would be skipped; make decay_tokens larger than the warmup, or null for the whole run"
+        )
+    total = planned_tokens(cfg)
+    if opt.warmup_tokens > total:  # a smoke test of a recipe's preset; not an error
+        log.warning("optim.warmup_tokens=%d exceeds this run's %d tokens: the LR stays below its peak optim.lr=%g",
+                    opt.warmup_tokens, total, opt.lr)
+    _at_least(problems, tr, "trainer", ("loss_spike_factor", "max_consecutive_skips", "eval_interval"), 0)
+    if 0 < tr.loss_spike_factor <= 1:
+        problems.append(f"trainer.loss_spike_factor={tr.loss_spike_factor} would skip ordinary steps: use 0 (off) "
+                        "or a factor above 1, e.g. 3")
+    if tr.eval_interval and tr.eval_iters < 1:
+        problems.append(f"trainer.eval_iters={tr.eval_iters} must be >= 1 when trainer.eval_interval > 0")
+    return problems
+
+
+def _run_rules(cfg: DictConfig) -> list[str]:
+    ck, lg = cfg.checkpoint, cfg.logging
+    problems: list[str] = []
+    _at_least(problems, ck, "checkpoint", ("interval", "keep_last"), 0)
+    _at_least(problems, ck, "checkpoint", ("stop_after",), 1)
+    _at_least(problems, lg, "logging", ("interval",), 1)
+    _at_least(problems, lg, "logging", ("gns_ramp_warmup",), 0)
+    if ck.resume not in ("auto", "never") and not Path(ck.resume).is_dir():
+        problems.append(
+            f"checkpoint.resume={ck.resume!r} is neither auto, never nor an existing directory: use auto (the newest "
+            "checkpoint in checkpoint.dir), never, or the path of a run, checkpoints or step folder"
+        )
+    return problems
+
+
+def planned_tokens(cfg: DictConfig) -> int:
+    """Tokens the whole run will consume, following the batch ramp."""
+    from pretrain.optim import batch_size_at
+
+    tr = cfg.trainer
+    tokens, increment = 0, tr.micro_batch_size * cfg.parallel.data
+    for _ in range(tr.max_steps):
+        tokens += batch_size_at(tokens, cfg.optim, tr.global_batch_size, increment) * tr.seq_length
+    return tokens
 
 
 def grad_accum_steps(cfg: DictConfig) -> int:

@@ -10,7 +10,6 @@ the parallel layout; weight init and export key off it.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -20,7 +19,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.config import ModelConfig
+from pretrain.config import ModelConfig, ffn_hidden_size, head_dim  # noqa: F401 (re-exported)
 from pretrain.model import attention as attn_ops
 
 
@@ -163,19 +162,6 @@ def _attention_after_prefix(q, k, v, past: int, window: Optional[int]) -> torch.
     j = torch.arange(k.shape[2], device=q.device)[None, :]
     allowed = (j <= i) if window is None else (j <= i) & (j > i - window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=k.shape[1] != q.shape[1])
-
-
-def head_dim(cfg: ModelConfig) -> int:
-    return cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
-
-
-def ffn_hidden_size(cfg: ModelConfig) -> int:
-    if cfg.ffn_hidden_size:
-        return cfg.ffn_hidden_size
-    if cfg.activation == "swiglu":
-        hidden = int(2 * 4 * cfg.hidden_size / 3)
-        return cfg.ffn_multiple_of * math.ceil(hidden / cfg.ffn_multiple_of)
-    return 4 * cfg.hidden_size
 
 
 class MLP(nn.Module):
