@@ -56,6 +56,18 @@ def user_errors(prog: str, argv: Optional[list[str]] = None) -> Iterator[None]:
         sys.exit(EXIT_USER_ERROR)
 
 
+@contextlib.contextmanager
+def composing(what: str) -> Iterator[None]:
+    """Hydra's compose API raises on an unknown key, a wrong type or a missing group option: a UserError."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        yield
+    except (HydraException, OmegaConfBaseException) as err:
+        raise UserError(f"{what}: {err}".rstrip()) from err
+
+
 class HydraEntry:
     """Exit codes for a ``@hydra.main`` entry point, the same as for every other one.
 

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 
 from pretrain import compat, distributed
 from pretrain.config import ModelConfig, register_configs
+from pretrain.errors import UserError, composing, user_errors
 from pretrain.engine import TrainEngine, deepspeed_config
 from pretrain.flops import measured_matmul_flops, model_flops_per_token
 from pretrain.model.gpt import build_model, padded_vocab_size
@@ -56,7 +57,7 @@ def hf_model(cfg: ModelConfig, vocab: int) -> torch.nn.Module:
             tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.bias, mlp_bias=cfg.bias,
             rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta}, bos_token_id=None, eos_token_id=None,
         ))
-    raise SystemExit(
+    raise UserError(
         f"model {cfg.name}: norm={cfg.norm}, positions={cfg.position_embedding}, activation={cfg.activation} "
         "matches neither GPT2LMHeadModel nor LlamaForCausalLM; pick a GPT-2- or LLaMA-style model"
     )
@@ -67,9 +68,15 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps of each model")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each model first")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (model=..., trainer.seq_length=...)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
+    with user_errors("bench.step", ["--debug"] if args.debug else []):
+        _run(args)
+
+
+def _run(args) -> None:
     register_configs()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with composing("the benchmark's overrides"), initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg: DictConfig = compose("config", overrides=["data=synthetic", *args.overrides])
     validate(cfg, world_size=1)
     tr = cfg.trainer
