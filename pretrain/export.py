@@ -35,21 +35,9 @@ class ExportError(UserError):
 # Finding the checkpoint and its config
 
 
-def find_tag(path: str, tag: Optional[str] = None) -> tuple[Path, str]:
-    """(checkpoint dir, tag) for a run dir, its checkpoints dir or a tag dir, after the integrity check.
-
-    Without a tag (in ``tag`` or the path), the newest intact checkpoint, damaged newer ones
-    skipped with the reason on stderr; a named tag that is damaged is refused.
-    """
-    ckpt_dir, named = manifest.resolve(path)
-    if tag is not None and named is not None and tag != named:
-        raise ExportError(f"{path} is checkpoint {named}, but --tag {tag} was given; pass one of them")
-    return ckpt_dir, manifest.select(ckpt_dir, tag or named)
-
-
 def locate(path: str, tag: Optional[str] = None, config: Optional[str] = None) -> tuple[DictConfig, Path, str]:
     """(resolved run config, checkpoint dir, tag) for a run dir, checkpoints dir or tag dir."""
-    path, tag = find_tag(path, tag)
+    path, tag = manifest.find(path, tag)
     config_path = Path(config) if config else path.parent / "config.yaml"
     if not config_path.is_file():
         raise ExportError(f"{config_path}: resolved run config not found; pass --config RUN_DIR/config.yaml")

@@ -150,3 +150,15 @@ def select(ckpt_dir, tag: Optional[str] = None, warn: Callable[[str], None] = _w
         reasons.append(f"{candidate}: {why}")
         warn(f"checkpoint {ckpt_dir / candidate} is damaged or incomplete and is skipped: {why}")
     raise CheckpointError(f"no checkpoint in {ckpt_dir} is intact ({'; '.join(reasons)}). Restore one from a backup")
+
+
+def find(path, tag: Optional[str] = None) -> tuple[Path, str]:
+    """(checkpoints dir, tag) for a run dir, its checkpoints dir or a step folder, after the integrity check.
+
+    Without a tag (in ``tag`` or the path), the newest intact checkpoint, damaged newer ones skipped
+    with the reason on stderr; a named tag that is damaged is refused.
+    """
+    ckpt_dir, named = resolve(path)
+    if tag is not None and named is not None and tag != named:
+        raise CheckpointError(f"{path} is checkpoint {named}, but --tag {tag} was given; pass one of them")
+    return ckpt_dir, select(ckpt_dir, tag or named)

@@ -480,7 +480,6 @@ def load_universal(engine, source: Path) -> dict:
 
 def main(argv=None) -> None:
     from pretrain.errors import user_errors
-    from pretrain.export import find_tag
 
     parser = argparse.ArgumentParser(prog="python -m pretrain.reshard", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="run dir, its checkpoints dir, or a tag dir")
@@ -489,7 +488,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     with user_errors("reshard", ["--debug"] if args.debug else []):
-        ckpt_dir, tag = find_tag(args.checkpoint, args.tag)
+        ckpt_dir, tag = manifest.find(args.checkpoint, args.tag)
         out = convert(Path(ckpt_dir) / tag)
     meta = json.loads((out / META).read_text())
     print(f"wrote {out} (saved at {meta['layout']}, step {meta['train_state'].get('step')})")
