@@ -13,7 +13,7 @@ import os
 import uuid
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,8 @@ class WandbLogger(Callback):
     def __init__(self, cfg: DictConfig, run_dir: Path):
         import wandb
 
+        from pretrain.redact import redacted_config
+
         self.wandb = wandb
         run_dir = Path(run_dir)
         id_file = run_dir / "wandb_run_id"  # the same W&B run across resumes
@@ -132,7 +134,7 @@ class WandbLogger(Callback):
             name=run_dir.name,
             resume="allow",
             mode=wandb_mode(),
-            config=OmegaConf.to_container(cfg, resolve=True),
+            config=redacted_config(cfg),  # no ${oc.env:...} values or secrets in the .wandb file
             tags=[f"model:{cfg.model.name}", f"data:{cfg.data.name}", f"parallel:{cfg.parallel.name}", cfg.trainer.precision],
             settings=wandb.Settings(silent=True, console="off"),
         )

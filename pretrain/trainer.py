@@ -9,10 +9,11 @@ import time
 from pathlib import Path
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from pretrain import checkpoint, compat, distributed, faults
+from pretrain import checkpoint, compat, distributed, faults, manifest
 from pretrain.checkpoint import TrainState
+from pretrain.errors import CheckpointError
 from pretrain.engine import Batch, TrainEngine, apply_sequence_parallel_grad_sync, deepspeed_config
 from pretrain.callbacks import Callbacks, build_callbacks
 from pretrain.flops import model_flops_per_token, peak_flops
@@ -20,7 +21,7 @@ from pretrain.gns import NoiseScale
 from pretrain.model.gpt import apply_activation_checkpointing, build_model, padded_vocab_size
 from pretrain.model.init import apply_init
 from pretrain.optim import batch_size_at, build_optimizer, lr_at
-from pretrain.validate import grad_accum_steps, validate
+from pretrain.validate import ConfigError, grad_accum_steps, planned_tokens, validate
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,6 @@ def micro_batches(dataset, first_sample: int, global_batch: int, micro: int, ran
     return batches
 
 
-def planned_tokens(cfg: DictConfig) -> int:
-    """Tokens the whole run will consume, following the batch ramp."""
-    tokens, increment = 0, cfg.trainer.micro_batch_size * cfg.parallel.data
-    for _ in range(cfg.trainer.max_steps):
-        tokens += batch_size_at(tokens, cfg.optim, cfg.trainer.global_batch_size, increment) * cfg.trainer.seq_length
-    return tokens
-
-
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg = cfg
@@ -115,10 +108,10 @@ class Trainer:
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = vocab
         elif cfg.model.vocab_size < vocab:
-            raise ValueError(
+            raise ConfigError([
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {vocab} tokens; "
                 "leave it null to take the tokenizer's size"
-            )
+            ])
 
         model = build_model(cfg.model, cfg.parallel, distributed.topology(cfg.parallel))
         apply_init(model, cfg.model, tr.seed)
@@ -141,10 +134,10 @@ class Trainer:
         self.state = TrainState()
         resume = cfg.checkpoint.resume
         if resume != "never":
-            source = self.ckpt_dir if resume == "auto" else resume
-            loaded = checkpoint.resume(self.engine, source)
+            source, tag = (self.ckpt_dir, None) if resume == "auto" else manifest.resolve(resume)
+            loaded = checkpoint.resume(self.engine, str(source), tag)
             if loaded is None and resume != "auto":
-                raise FileNotFoundError(f"checkpoint.resume={resume}: no 'latest' checkpoint there")
+                raise CheckpointError(f"checkpoint.resume={resume}: no checkpoint (step* folder) there")
             if loaded is not None:
                 self.state = loaded
                 if loaded.noise_scale:
@@ -158,7 +151,9 @@ class Trainer:
         if not self.ranks.logs:
             return Callbacks([])
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        from pretrain.redact import redacted_yaml
+
+        (self.run_dir / "config.yaml").write_text(redacted_yaml(cfg))  # ${oc.env:...} kept, secrets redacted
         log.info(
             "model %s: %.2fM parameters, %.3g FLOPs/token | layout tp=%d pp=%d dp=%d zero=%d | %s | run dir %s",
             cfg.model.name, self.num_params / 1e6, self.flops_per_token, cfg.parallel.tensor, cfg.parallel.pipeline,

@@ -115,15 +115,15 @@ def _stop_daemons(root, env, started_munge):
         subprocess.run(["/usr/sbin/munged", "-s"], capture_output=True)  # stops the daemon via its socket
 
 
-def _submit(slurm, tmp_path, name, *overrides, env=None) -> str:
+def _submit(slurm, tmp_path, name, *overrides, env=None, runs="runs") -> str:
     script = tmp_path / f"{name}.sbatch"
-    runs = tmp_path / "runs"
+    runs = tmp_path / runs
     runs.mkdir(exist_ok=True)
     proc = subprocess.run(
         [sys.executable, "-m", "pretrain.launch", "slurm", "cluster=local-cpu", f"cluster.workdir={REPO}",
          f"cluster.python={sys.executable}", f"cluster.runs_dir={runs}", f"cluster.job_name={name}",
          *TRAIN, *overrides, "--dry-run", "--output", str(script)],
-        env={**child_env(), **slurm}, capture_output=True, text=True, cwd=REPO)
+        env={**child_env(), **slurm, **(env or {})}, capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     job = subprocess.run(["sbatch", "--parsable", str(script)], env={**child_env(), **slurm, **(env or {})},
                          capture_output=True, text=True, check=True, cwd=tmp_path).stdout.strip()
@@ -145,13 +145,13 @@ def _wait_state(slurm, job, states, timeout=300):
         time.sleep(1)
 
 
-def _metrics(tmp_path, name, job) -> list:
-    path = tmp_path / "runs" / f"{name}-{job}" / "metrics.jsonl"
+def _metrics(tmp_path, name, job, runs="runs") -> list:
+    path = tmp_path / runs / f"{name}-{job}" / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def _log(tmp_path, name, job) -> str:
-    path = tmp_path / "runs" / f"{name}-{job}.out"
+def _log(tmp_path, name, job, runs="runs") -> str:
+    path = tmp_path / runs / f"{name}-{job}.out"
     return path.read_text() if path.is_file() else ""
 
 
@@ -237,3 +237,24 @@ def test_hydra_sweep_runs_each_point_as_a_slurm_job_whose_tasks_are_the_ranks(sl
         assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
         config = (run / "config.yaml").read_text()
         assert f"name: {model}" in config and "data: 2" in config
+
+
+def test_a_runs_dir_with_a_space_and_a_secret_passed_by_name(slurm, tmp_path):
+    """The run directory and the job log land under a path with a space; a secret-looking cluster.env
+    entry reaches the job from the submitting environment (the script stops, naming it, if it does not)
+    and no file the job writes, the script included, holds its value."""
+    sentinel = "sentinel-7b1d2e9f-not-in-any-file"
+    runs = "runs with space"
+    job = _submit(slurm, tmp_path, "space", "trainer.max_steps=2", "cluster.env.PRETRAIN_TEST_TOKEN=null",
+                  "model.reference_params=${oc.env:PRETRAIN_TEST_TOKEN}",
+                  env={"PRETRAIN_TEST_TOKEN": sentinel}, runs=runs)
+    info = _wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+    log = _log(tmp_path, "space", job, runs)
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert [r["step"] for r in _metrics(tmp_path, "space", job, runs)] == [1, 2]
+    run_dir = tmp_path / runs / f"space-{job}"
+    assert "reference_params: ${oc.env:PRETRAIN_TEST_TOKEN}" in (run_dir / "config.yaml").read_text()
+    script = (tmp_path / "space.sbatch").read_text()
+    assert "#SBATCH --export=ALL,PRETRAIN_TEST_TOKEN" in script
+    leaks = [str(p) for p in tmp_path.rglob("*") if p.is_file() and sentinel.encode() in p.read_bytes()]
+    assert leaks == []
