@@ -218,7 +218,7 @@ class TrainEngine:
         )
         if self.tap is not None and self.pipeline:
             self.tap.wrap_pipeline(self.ds)
-        # DeepSpeed's loader unpickles with weights_only=False; every file it reads goes through ours.
+        # DeepSpeed's loader would unpickle anything; every file it reads goes through the weights-only one.
         self.ds.checkpoint_engine.load = safeload.load_for_deepspeed
         self.zero_stage = config["zero_optimization"]["stage"]
         self.bf16 = config["bf16"]["enabled"]

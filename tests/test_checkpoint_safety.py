@@ -189,3 +189,16 @@ def test_a_damaged_universal_folder_is_converted_again(runs, tmp_path):
     again = _python(["-m", "pretrain.reshard", str(run)], tmp_path)
     assert again.returncode == 0 and "is damaged" in again.stderr, again.stderr[-3000:]
     assert (universal / "fp32.safetensors").read_bytes() == good
+
+
+def test_nothing_outside_safeload_unpickles():
+    """Every load of checkpoint content goes through pretrain/safeload.py (a static check of the sources)."""
+    import re
+
+    from harness import REPO
+
+    unsafe = re.compile(r"torch\.load\(|pickle\.loads?\(|weights_only\s*=\s*False|yaml\.load\(|yaml\.unsafe_load")
+    found = [f"{path.relative_to(REPO)}:{n}" for folder in ("pretrain", "kernels") for path in (REPO / folder).rglob("*.py")
+             if path.name != "safeload.py" for n, line in enumerate(path.read_text().splitlines(), 1) if unsafe.search(line)]
+    assert not found, found
+    assert "weights_only=True" in (REPO / "pretrain" / "safeload.py").read_text()
