@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from pretrain import checkpoint, compat, distributed, faults, manifest
 from pretrain.checkpoint import TrainState
-from pretrain.errors import CheckpointError
+from pretrain.errors import CheckpointError, UserError
 from pretrain.engine import Batch, TrainEngine, apply_sequence_parallel_grad_sync, deepspeed_config
 from pretrain.callbacks import Callbacks, build_callbacks
 from pretrain.flops import model_flops_per_token, peak_flops
@@ -39,12 +39,22 @@ def build_data(cfg: DictConfig, num_train: int, num_eval: int):
         vocab = cfg.data.tokenizer.vocab_size
         valid = {"synthetic": SyntheticDataset(vocab, seq, seed + 1, num_eval)} if evaluate else {}
         return SyntheticDataset(vocab, seq, seed, num_train), valid, vocab
-    from pretrain.data import build_datasets, build_eval_datasets, prepare_data
+    from pretrain.data import DataConfigError, build_datasets, build_eval_datasets, prepare_data
 
-    # Rank 0 runs (or reuses) the pipeline first; the others then find every stage cached.
+    # Rank 0 runs (or reuses) the pipeline first; the others then find every stage cached. A bad
+    # record found on the way (on_bad_record=error) stops every rank with rank 0's message.
+    failure = None
     if dist.get_rank() == 0:
-        prepared = prepare_data(cfg.data)
-    dist.barrier()
+        try:
+            prepared = prepare_data(cfg.data)
+        except UserError as err:
+            failure = err
+    box = [None if failure is None else str(failure)]
+    dist.broadcast_object_list(box, src=0)
+    if failure is not None:
+        raise failure
+    if box[0] is not None:
+        raise DataConfigError(box[0])
     if dist.get_rank() != 0:
         prepared = prepare_data(cfg.data)
     train, _, _ = build_datasets(prepared, cfg.data, seq_length=seq, num_samples=(num_train, 0, 0), seed=seed)

@@ -7,23 +7,25 @@ cached) and prints the mixture report, e.g. ``python -m pretrain.data data=tiny`
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
 from pretrain.config import CONF_DIR
+from pretrain.errors import user_errors
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="prepare")
 def _main(cfg: DictConfig) -> None:
-    from pretrain.data import DataConfigError, prepare_data
+    # A bad config or bad input (any UserError: DataConfigError, CorpusNotInstalled) is
+    # `data: error: ...` on stderr and exit 2, no traceback (--debug / HYDRA_FULL_ERROR=1 re-raise).
+    with user_errors("data"):
+        _prepare(cfg)
 
-    try:
-        prepared = prepare_data(cfg.data)
-    except DataConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+
+def _prepare(cfg: DictConfig) -> None:
+    from pretrain.data import prepare_data
+
+    prepared = prepare_data(cfg.data)
     print(f"tokenizer: {prepared.tokenizer_file} (vocab {prepared.vocab_size}, end-of-text id {prepared.eod_id})")
     print(f"shards: {prepared.shard_dir} (mixture report: {prepared.shard_dir}/mixture_report.json)")
 

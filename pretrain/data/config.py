@@ -27,6 +27,12 @@ class SourceConfig:
     curated: bool = False
     # Cap on documents read from this source (None: all); a deterministic prefix.
     max_docs: Optional[int] = None
+    # A record that cannot be a document (empty file, a JSONL line that is not valid JSON or not
+    # an object, invalid UTF-8 beyond stages.clean.max_invalid_utf8_fraction, a missing, null,
+    # non-string or empty text field): "error" stops with its file and line, "drop" skips it and
+    # counts it (stage table, mixture report, a log line per record). Files only: built-in corpora
+    # have their own readers.
+    on_bad_record: str = "error"  # error | drop
     # Per-source stage overrides, e.g. {clean: {c4_lines: false}, quality: {enabled: false}}.
     overrides: Any = field(default_factory=dict)
 

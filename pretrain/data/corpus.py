@@ -26,13 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Tuple
 
+from pretrain.errors import UserError
+
 Doc = Tuple[str, str]
 
 INSTALL_HINT = "run `bash pretrain/data/install_corpus.sh` (as root) to install the built-in corpus"
 
 
-class CorpusNotInstalled(FileNotFoundError):
-    pass
+class CorpusNotInstalled(UserError, FileNotFoundError):
+    """A built-in corpus package is missing; the message says how to install it."""
 
 
 @dataclass(frozen=True)

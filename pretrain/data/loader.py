@@ -82,10 +82,14 @@ def build_datasets(
     if num_samples[0] <= 0 or fractions[0] <= 0:
         raise ValueError("build_datasets: the train split and n_train must be positive")
     sizes = [int(n) if f > 0 and n > 0 else None for n, f in zip(num_samples, fractions)]
-    # A zero-size split is dropped from the split string so megatron-core builds nothing for it.
-    split = ",".join(str(f if s is not None else 0.0) for f, s in zip(fractions, sizes))
     names, prefixes, weights = zip(*prepared.sources)
-    config = _gpt_config(prepared, split, seq_length, seed, blend=(list(prefixes), list(weights)))
+    # The document split is always data_cfg.split's (the one build_eval_datasets uses), whatever
+    # samples are asked for: a split with no samples asked is left out of the split matrix, so
+    # megatron-core builds nothing for it, and its documents stay out of the others. (Dropping it
+    # from the split string instead would renormalise the split and train on the valid/test
+    # documents whenever n_valid = n_test = 0, as the trainer asks.)
+    config = _gpt_config(prepared, data_cfg.split, seq_length, seed, blend=(list(prefixes), list(weights)))
+    config.split_matrix = [b if s is not None else None for b, s in zip(config.split_matrix, sizes)]
     built = BlendedMegatronDatasetBuilder(_epoch_dataset_class(), [s or 0 for s in sizes], lambda: True, config).build()
     return tuple(ds if s is not None else None for ds, s in zip(built, sizes))
 

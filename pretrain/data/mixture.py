@@ -69,9 +69,15 @@ def resolve_weights(sources: Sequence, train_tokens: Dict[str, int], budget: int
 
 
 def mixture_report(
-    sources: Sequence, tokens: Dict[str, int], split: str, budget: Optional[int], max_epochs: float
+    sources: Sequence,
+    tokens: Dict[str, int],
+    split: str,
+    budget: Optional[int],
+    max_epochs: float,
+    bad_records: Optional[Dict[str, int]] = None,
 ) -> dict:
-    """Per source: tokens, training tokens, weight, epochs elapsed at the budget, a repeat flag."""
+    """Per source: tokens, training tokens, weight, epochs elapsed at the budget, a repeat flag, and
+    the bad records dropped while reading it (``on_bad_record: drop``)."""
     train_frac = split_fractions(split)[0]
     train_tokens = {n: int(t * train_frac) for n, t in tokens.items()}
     for n, t in train_tokens.items():
@@ -91,6 +97,7 @@ def mixture_report(
                 "weight": w,
                 "epochs": epochs,
                 "repeated": epochs > max_epochs,
+                "bad_records": int((bad_records or {}).get(s.name, 0)),
             }
         )
     return {"token_budget": budget, "max_epochs_warning": max_epochs, "sources": rows}
@@ -103,11 +110,14 @@ def print_report(console, report: dict) -> None:
         title=f"Mixture for a budget of {report['token_budget']:,} training tokens (GPT-3 Table 2.2 form)",
         title_justify="left",
     )
-    for col in ["source", "tokens", "train tokens", "weight in mix", "epochs elapsed"]:
+    for col in ["source", "tokens", "train tokens", "weight in mix", "epochs elapsed", "bad records dropped"]:
         table.add_column(col, justify="left" if col == "source" else "right")
     for r in report["sources"]:
         flag = f" [red]> {report['max_epochs_warning']:g}[/red]" if r["repeated"] else ""
-        table.add_row(r["source"], f"{r['tokens']:,}", f"{r['train_tokens']:,}", f"{r['weight']:.1%}", f"{r['epochs']:.2f}{flag}")
+        table.add_row(
+            r["source"], f"{r['tokens']:,}", f"{r['train_tokens']:,}", f"{r['weight']:.1%}", f"{r['epochs']:.2f}{flag}",
+            f"{r.get('bad_records', 0):,}",
+        )
     console.print(table)
     for r in report["sources"]:
         if r["repeated"]:

@@ -8,7 +8,6 @@ sizes and mtimes), so a finished run is recognised without reading any text: the
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,14 +17,14 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pretrain.data import cache
-from pretrain.data.config import DataConfig, SourceConfig, StagesConfig
-from pretrain.data.mixture import check_weights, mixture_report, print_report, split_fractions, write_report
-from pretrain.data.sources import DataConfigError, fingerprint, read_source, source_files
+from pretrain.data.config import DataConfig, StagesConfig
+from pretrain.data.mixture import mixture_report, print_report, write_report
+from pretrain.data.sources import BadRecords, DataConfigError, fingerprint, read_source
 from pretrain.data.stats import print_stage_table, stage_stats
-from pretrain.data.tokenizer import KINDS, eod_id, fixed_fingerprint, load_fixed, sample_for_training, train_bpe
+from pretrain.data.tokenizer import eod_id, fixed_fingerprint, load_fixed, sample_for_training, train_bpe
+from pretrain.data.validation import check, effective_stages  # noqa: F401  (effective_stages: API)
 
 Docs = Dict[str, List[Tuple[str, str]]]
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 @dataclass
@@ -61,51 +60,9 @@ def to_config(data_cfg) -> DataConfig:
         raise DataConfigError(f"data config: {e}".replace("\n", "; ")) from None
 
 
-def effective_stages(cfg: DataConfig, src: SourceConfig) -> StagesConfig:
-    """Global stage settings with the source's overrides applied."""
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cfg.stages), src.overrides or {}))
-    except OmegaConfBaseException as e:
-        msg = str(e).splitlines()[0]
-        raise DataConfigError(f"data.sources[{src.name}].overrides: {msg}") from None
-
-
-def validate(cfg: DataConfig) -> Dict[str, StagesConfig]:
-    """Check everything checkable before work starts; returns each source's effective stages."""
-    if not cfg.sources:
-        raise DataConfigError("data.sources is empty: list at least one source (name, path)")
-    names = [s.name for s in cfg.sources]
-    for n in names:
-        if not _NAME.match(n):
-            raise DataConfigError(f"data.sources name {n!r}: use letters, digits, '_', '-', '.'")
-    if len(set(names)) != len(names):
-        raise DataConfigError(f"data.sources: names must be unique, got {names}")
-    for s in cfg.sources:
-        source_files(s, cfg.root)  # missing files, bad format, absent text field
-    check_weights(cfg.sources)
-    split_fractions(cfg.split)
-    eff = {s.name: effective_stages(cfg, s) for s in cfg.sources}
-    if any(e.decontam.enabled for e in eff.values()):
-        for f in cfg.eval_files:
-            if not Path(f).is_file():
-                raise DataConfigError(f"data.eval_files: {f} does not exist")
-    filtered = [s.name for s in cfg.sources if eff[s.name].quality.enabled and not s.curated]
-    if filtered and not any(s.curated for s in cfg.sources):
-        raise DataConfigError(
-            f"data.sources {filtered} are quality-filtered but no source is curated: mark the reference "
-            f"sources `curated: true`, or set quality.enabled=false"
-        )
-    tok = cfg.tokenizer
-    if tok.kind not in KINDS:
-        raise DataConfigError(f"data.tokenizer.kind={tok.kind!r}: choose one of {KINDS}")
-    if tok.kind == "bpe" and tok.vocab_size < 257:
-        raise DataConfigError(f"data.tokenizer.vocab_size={tok.vocab_size}: a byte-level BPE needs at least 257")
-    if tok.kind != "bpe":
-        try:
-            load_fixed(tok)
-        except (FileNotFoundError, ValueError) as e:
-            raise DataConfigError(str(e)) from None
-    return eff
+def validate(cfg) -> Dict[str, StagesConfig]:
+    """Every cheap check (see validation.py); returns each source's effective stages."""
+    return check(cfg)[1]
 
 
 # ---- stage keys -----------------------------------------------------------------------------------
@@ -114,8 +71,9 @@ def validate(cfg: DataConfig) -> Dict[str, StagesConfig]:
 def _keys(cfg: DataConfig, eff: Dict[str, StagesConfig]) -> Dict[str, object]:
     clean = {}
     for s in cfg.sources:
-        ident = {k: getattr(s, k) for k in ("path", "format", "text_field", "max_docs")}
-        clean[s.name] = cache.make_key("clean-v1", ident, fingerprint(s, cfg.root), asdict(eff[s.name].clean))
+        # on_bad_record decides what the read keeps (drop) or whether it finishes at all (error).
+        ident = {k: getattr(s, k) for k in ("path", "format", "text_field", "max_docs", "on_bad_record")}
+        clean[s.name] = cache.make_key("clean-v2", ident, fingerprint(s, cfg.root), asdict(eff[s.name].clean))
     order = [s.name for s in cfg.sources]
     quality = cache.make_key(
         "quality-v1", order, clean, {s.name: (s.curated, asdict(eff[s.name].quality)) for s in cfg.sources}
@@ -159,6 +117,10 @@ class _Run:
             )
 
 
+def _kinds(counts) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()))
+
+
 def _ticking(items, bar):
     for x in items:
         bar.update()
@@ -195,25 +157,37 @@ def _stage_clean(run: _Run, keys) -> Dict[str, Path]:
     from pretrain.data.clean import clean_documents
 
     files, stats, t0 = {}, {}, time.time()
-    for s in run.cfg.sources:
+    for i, s in enumerate(run.cfg.sources):
         path = cache.stage_dir(run.root, "clean", keys["clean"][s.name])
         if cache.is_done(path):
             stats[s.name] = cache.read_manifest(path)["stats"]
         else:
             with cache.building(path) as (tmp, manifest):
-                raw, cfg = [], run.eff[s.name].clean
+                raw, cfg, key = [], run.eff[s.name].clean, f"data.sources[{i}]"
+                bad = BadRecords(s, key)
 
                 def reading(bar):
-                    for doc in read_source(s, run.cfg.root):
+                    for doc in read_source(s, run.cfg.root, key=key, bad=bad, max_invalid_utf8_fraction=cfg.max_invalid_utf8_fraction):
                         raw.append(doc)
                         bar.update()
                         yield doc
 
                 with run.bar(None, f"read + clean {s.name}") as bar:
                     kept, why = clean_documents(reading(bar), cfg) if cfg.enabled else (list(reading(bar)), {})
+                if not raw:
+                    dropped = f" ({bad.total} bad records dropped: {_kinds(bad.counts)})" if bad.total else ""
+                    raise DataConfigError(
+                        f"{key} (source {s.name!r}): no documents in {key}.path={s.path}{dropped}; "
+                        f"point it at the data or remove the source"
+                    )
+                if bad.total:
+                    run.console.print(
+                        f"[yellow]warning:[/yellow] {s.name}: dropped {bad.total:,} bad records ({_kinds(bad.counts)}), "
+                        f"e.g. {bad.examples[0]}"
+                    )
                 run.check_nonempty("clean", {s.name: kept})
                 cache.write_docs(tmp / "docs.jsonl", kept)
-                manifest["stats"] = stats[s.name] = stage_stats(raw, kept, why)
+                manifest["stats"] = stats[s.name] = {**stage_stats(raw, kept, why), **bad.summary()}
         files[s.name] = path / "docs.jsonl"
     run.stats["clean"] = stats
     print_stage_table(run.console, "read + clean", stats, note=f"{time.time() - t0:.1f}s")
@@ -332,8 +306,9 @@ def prepare_data(data_cfg, console=None) -> PreparedData:
     from rich.console import Console
 
     console = console or Console(stderr=True)
-    cfg = to_config(data_cfg)
-    eff = validate(cfg)
+    cfg, eff = check(data_cfg)  # validate_data_config first: every cheap problem at once
+    if cfg.name == "synthetic":
+        raise DataConfigError("data=synthetic has nothing to prepare: pretrain/synthetic.py generates its tokens")
     keys = _keys(cfg, eff)
     run = _Run(cfg, eff, console)
     shard_path = cache.stage_dir(run.root, "shards", keys["shards"])
@@ -361,7 +336,9 @@ def _prepared(cfg: DataConfig, root: Path, keys, shard_path: Path, console, hit:
     tok_dir = cache.stage_dir(root, "tokenizer", keys["tokenizer"])
     tm = cache.read_manifest(tok_dir)
     tokens = {n: s["tokens"] for n, s in m["sources"].items()}
-    report = mixture_report(cfg.sources, tokens, cfg.split, cfg.token_budget, cfg.max_epochs_warning)
+    clean_stats = m.get("stats", {}).get("clean", {})
+    bad = {n: clean_stats.get(n, {}).get("bad_records", 0) for n in tokens}
+    report = mixture_report(cfg.sources, tokens, cfg.split, cfg.token_budget, cfg.max_epochs_warning, bad_records=bad)
     print_report(console, report)
     write_report(shard_path / "mixture_report.json", report)
     weights = {r["source"]: r["weight"] for r in report["sources"]}

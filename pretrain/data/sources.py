@@ -1,26 +1,47 @@
-"""Source resolution, validation and reading: built-in corpora or local text/JSONL/Parquet files.
+"""Source resolution, reading and bad records: built-in corpora or local text/JSONL/Parquet files.
 
-Local files are read with Hugging Face ``datasets`` (offline): ``text`` files are one document
-per file, JSONL and Parquet one document per record (``text_field``).
+``path`` is a file, a folder (searched recursively for .txt/.md/.rst/.jsonl/.json/.parquet) or a
+glob pattern (``shards/*.jsonl``, ``**`` recursive). Local files are read here, record by record,
+so that a record which cannot be a document is named by file and line: ``text`` files are one
+document per file, JSONL one document per line (an object holding ``text_field``), Parquet one
+per row (the ``text_field`` column).
+
+Bad records (``SourceConfig.on_bad_record``): an empty file; a JSONL line that is not valid JSON
+(a truncated line included) or not an object; a record missing ``text_field``, or whose text is
+null, not a string, or empty; text whose invalid UTF-8 exceeds
+``stages.clean.max_invalid_utf8_fraction`` of its characters (below that the bad bytes become
+U+FFFD, which the clean stage counts as ``utf8_repaired``). Policy ``error`` raises a
+DataConfigError naming the file, the line (Parquet: the row) and the fix; ``drop`` skips the
+record, logs it with file and line (the first 20 per source) and counts it by kind. A Parquet
+file that cannot be opened or lacks the text column is an error under either policy. Blank
+JSONL lines are not records and are skipped silently.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
+from collections import Counter
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 from pretrain.data.config import SourceConfig
 from pretrain.data.corpus import get_builtin
+from pretrain.errors import UserError
 
 Doc = Tuple[str, str]
+log = logging.getLogger("pretrain.data")
 
 _EXT_FORMAT = {".txt": "text", ".md": "text", ".rst": "text", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 FORMATS = ("auto", "text", "jsonl", "parquet", "builtin")
+BAD_RECORD_POLICIES = ("error", "drop")
+DEFAULT_MAX_INVALID_UTF8 = 0.001  # CleanConfig.max_invalid_utf8_fraction
+LOGGED_BAD_RECORDS = 20  # per source; the rest are counted only
 
 
-class DataConfigError(ValueError):
+class DataConfigError(UserError):
     """A data config or its input is wrong; the message names the key and the fix."""
 
 
@@ -32,64 +53,109 @@ def _builtin_name(src: SourceConfig) -> str:
     return str(src.path).removeprefix("builtin:")
 
 
+def _key(src: SourceConfig, key: Optional[str]) -> str:
+    return key or f"data.sources[{src.name}]"
+
+
+def is_glob(path: str) -> bool:
+    return any(c in str(path) for c in "*?[")
+
+
 def resolve_path(src: SourceConfig, root: str | None) -> Path:
     p = Path(os.path.expanduser(str(src.path)))
     return p if p.is_absolute() or root is None else Path(os.path.expanduser(root)) / p
 
 
-def source_files(src: SourceConfig, root: str | None = None) -> Tuple[str, List[Path]]:
-    """(format, files) of a source; raises DataConfigError for missing or unreadable input."""
+def _files_under(path: Path, exts) -> List[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in exts)
+
+
+def source_files(src: SourceConfig, root: str | None = None, key: Optional[str] = None) -> Tuple[str, List[Path]]:
+    """(format, files) of a source; raises DataConfigError for missing or unreadable input.
+
+    ``key`` names the source in messages (``data.sources[2]``; default: by name).
+    """
+    key = _key(src, key)
     if is_builtin(src):
         try:
             corpus = get_builtin(_builtin_name(src))
             return "builtin", corpus.files()
         except (ValueError, FileNotFoundError) as e:
-            raise DataConfigError(f"data.sources[{src.name}].path: {e}") from None
+            raise DataConfigError(f"{key}.path={str(src.path)!r}: {e}") from None
     if src.format not in FORMATS:
-        raise DataConfigError(f"data.sources[{src.name}].format={src.format!r}: choose one of {FORMATS}")
+        raise DataConfigError(f"{key}.format={src.format!r}: choose one of {'|'.join(FORMATS)}")
     path = resolve_path(src, root)
-    if not path.exists():
-        hint = "" if root or Path(str(src.path)).is_absolute() else " (a relative path: set data.root to its folder)"
-        raise DataConfigError(f"data.sources[{src.name}].path: {path} does not exist{hint}")
-    if path.is_dir():
-        exts = _EXT_FORMAT if src.format == "auto" else [e for e, f in _EXT_FORMAT.items() if f == src.format]
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in exts)
+    exts = _EXT_FORMAT if src.format == "auto" else [e for e, f in _EXT_FORMAT.items() if f == src.format]
+    relative = not (root or Path(os.path.expanduser(str(src.path))).is_absolute())
+    hint = " (a relative path: set data.root to its folder)" if relative else ""
+    if is_glob(str(src.path)):
+        files = []
+        for m in sorted(Path(p) for p in glob.glob(str(path), recursive=True)):
+            files += _files_under(m, exts) if m.is_dir() else [m] if m.is_file() else []
+        if not files:
+            raise DataConfigError(f"{key}.path: the pattern {path} matches no files{hint}; fix the pattern or remove the source")
     else:
-        files = [path]
-    if not files:
-        raise DataConfigError(f"data.sources[{src.name}].path: no text/JSONL/Parquet files under {path}")
+        if not path.exists():
+            raise DataConfigError(f"{key}.path: {path} does not exist{hint}; fix the path or remove the source")
+        files = _files_under(path, exts) if path.is_dir() else [path]
+        if not files:
+            raise DataConfigError(
+                f"{key}.path: no {'text/JSONL/Parquet' if src.format == 'auto' else src.format} files "
+                f"({', '.join(exts)}) under {path}; point it at the data or set {key}.format"
+            )
     formats = {src.format if src.format != "auto" else _EXT_FORMAT.get(f.suffix) for f in files}
     if None in formats or len(formats) > 1:
         raise DataConfigError(
-            f"data.sources[{src.name}]: cannot infer one format from {sorted({f.suffix for f in files})}; "
-            f"set format to one of text|jsonl|parquet"
+            f"{key}: cannot infer one format from {sorted({f.suffix for f in files})}; "
+            f"set {key}.format to one of text|jsonl|parquet"
         )
     fmt = formats.pop()
     if fmt in ("jsonl", "parquet"):
-        _check_text_field(src, fmt, files[0])
+        _check_text_field(src, fmt, files, key)
     return fmt, files
 
 
-def _check_text_field(src: SourceConfig, fmt: str, first: Path) -> None:
-    """Peek at the first record so a wrong text_field fails before any work starts."""
+def _check_text_field(src: SourceConfig, fmt: str, files: List[Path], key: str) -> None:
+    """Peek at the first records so a wrong text_field fails before any work starts."""
+    first = next((f for f in files if f.stat().st_size > 0), None)
+    if first is None:
+        return  # empty files: validation and the reader name them
     if fmt == "jsonl":
-        with open(first, encoding="utf-8", errors="replace") as f:
-            line = next((ln for ln in f if ln.strip()), None)
-        if line is None:
-            return
-        try:
-            keys = list(json.loads(line))
-        except (json.JSONDecodeError, TypeError) as e:
-            raise DataConfigError(f"data.sources[{src.name}]: {first} is not JSON lines ({e})") from None
+        keys = None
+        with open(first, "rb") as f:
+            for n, raw in enumerate(f):
+                if n >= 100:
+                    break
+                try:
+                    obj = json.loads(raw.decode("utf-8", errors="replace").lstrip("\ufeff"))
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(obj, dict):
+                    keys = list(obj)
+                    if src.text_field in keys:
+                        return
+                    break
+        if keys is None:
+            return  # no readable record near the top: the reader names the bad lines
     else:
-        import pyarrow.parquet as pq
-
-        keys = pq.read_schema(first).names
+        keys = _parquet_file(first, key).schema_arrow.names
     if src.text_field not in keys:
         raise DataConfigError(
-            f"data.sources[{src.name}].text_field={src.text_field!r} is not a field of {first} "
+            f"{key}.text_field={src.text_field!r} is not a field of {first} "
             f"(fields: {keys}); set text_field to the one holding the text"
         )
+
+
+def _parquet_file(path: Path, key: str):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
+        raise DataConfigError(
+            f"{key}.path: {path} cannot be read as Parquet ({str(e).splitlines()[0]}); "
+            f"re-copy the file or remove it from the source"
+        ) from None
 
 
 def fingerprint(src: SourceConfig, root: str | None = None) -> list:
@@ -98,38 +164,193 @@ def fingerprint(src: SourceConfig, root: str | None = None) -> list:
     return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
-def read_source(src: SourceConfig, root: str | None = None) -> Iterator[Doc]:
-    """Yield (doc_id, text) in a deterministic order; invalid UTF-8 becomes U+FFFD."""
-    fmt, files = source_files(src, root)
+# ---- bad records ----------------------------------------------------------------------------------
+
+
+class BadRecords:
+    """The bad records of one source: refused (policy ``error``) or counted and logged (``drop``)."""
+
+    def __init__(self, src: SourceConfig, key: Optional[str] = None):
+        self.name, self.key, self.policy = src.name, _key(src, key), src.on_bad_record
+        if self.policy not in BAD_RECORD_POLICIES:
+            raise DataConfigError(f"{self.key}.on_bad_record={self.policy!r}: choose one of {'|'.join(BAD_RECORD_POLICIES)}")
+        self.counts: Counter = Counter()
+        self.examples: List[str] = []
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, file: Path, line: int, kind: str, what: str, unit: str = "line") -> None:
+        where = f"{file} {unit} {line}" if line else str(file)
+        if self.policy == "error":
+            raise DataConfigError(
+                f"{self.key} (source {self.name!r}): {where}: {what}. Fix or remove that record, or set "
+                f"{self.key}.on_bad_record=drop to skip bad records (each is counted and logged)"
+            )
+        self.counts[kind] += 1
+        if len(self.examples) < 10:
+            self.examples.append(f"{where}: {kind}")
+        if self.total <= LOGGED_BAD_RECORDS:
+            log.warning("%s (source %r): dropped %s: %s", self.key, self.name, where, what)
+        elif self.total == LOGGED_BAD_RECORDS + 1:
+            log.warning("%s (source %r): more bad records; they are counted, not logged", self.key, self.name)
+
+    def summary(self) -> dict:
+        return {"bad_records": self.total, "bad_record_kinds": dict(sorted(self.counts.items())), "bad_record_examples": self.examples}
+
+
+def _decode(raw: bytes, tolerance: float):
+    """(text, None), or (None, why) for invalid UTF-8 beyond ``tolerance`` (a fraction of characters)."""
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        text = raw.decode("utf-8", errors="replace")
+        bad = text.count("\ufffd")
+        if bad <= tolerance * max(len(text), 1):
+            return text, None
+        return None, (
+            e.start,
+            f"invalid UTF-8 ({bad} bad byte sequence(s) in {len(text)} characters, the first at byte {e.start}; "
+            f"more than stages.clean.max_invalid_utf8_fraction={tolerance:g} of the text)",
+        )
+
+
+def _json_type(v) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(v), "number")
+
+
+def _checked_text(v, field: str):
+    """(text, None) or (None, (kind, why)) for a record's text value."""
+    if v is None:
+        return None, ("null_text", f"field {field!r} is null")
+    if not isinstance(v, str):
+        return None, ("text_not_string", f"field {field!r} is a {_json_type(v)}, not a string")
+    if not v.strip():
+        return None, ("empty_text", f"field {field!r} is empty")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return None, ("invalid_utf8", f"field {field!r} holds an unpaired surrogate (\\u{ord(v[e.start]):04x}), not valid Unicode")
+    return v, None
+
+
+def _read_text(path: Path, bad: BadRecords, tolerance: float) -> Iterator[str]:
+    raw = path.read_bytes()
+    if not raw.strip():
+        bad.add(path, 0, "empty_file", "the file is empty (a text file is one document)")
+        return
+    text, why = _decode(raw, tolerance)
+    if why:
+        bad.add(path, raw.count(b"\n", 0, why[0]) + 1, "invalid_utf8", why[1])
+        return
+    yield text
+
+
+def _read_jsonl(path: Path, field: str, bad: BadRecords, tolerance: float) -> Iterator[str]:
+    seen = False
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            seen = True
+            line, why = _decode(raw, tolerance)
+            if why:
+                bad.add(path, lineno, "invalid_utf8", why[1])
+                continue
+            try:
+                obj = json.loads(line.lstrip("\ufeff") if lineno == 1 else line)
+            except json.JSONDecodeError as e:
+                if not raw.endswith(b"\n"):
+                    bad.add(path, lineno, "truncated_line", f"not valid JSON: {e.msg} (column {e.colno}); the file ends inside this record (a truncated copy?)")
+                else:
+                    bad.add(path, lineno, "invalid_json", f"not valid JSON: {e.msg} (column {e.colno})")
+                continue
+            if not isinstance(obj, dict):
+                bad.add(path, lineno, "not_an_object", f"a JSON {_json_type(obj)}, not an object holding {field!r}")
+                continue
+            if field not in obj:
+                bad.add(path, lineno, "missing_field", f"no field {field!r} (fields: {sorted(obj)[:10]})")
+                continue
+            text, why = _checked_text(obj[field], field)
+            if why:
+                bad.add(path, lineno, *why)
+                continue
+            yield text
+    if not seen:
+        bad.add(path, 0, "empty_file", "the file is empty (no JSON lines)")
+
+
+def _read_parquet(path: Path, field: str, bad: BadRecords, tolerance: float) -> Iterator[str]:
+    import pyarrow as pa
+
+    if path.stat().st_size == 0:
+        bad.add(path, 0, "empty_file", "the file is empty (0 bytes)")
+        return
+    pf = _parquet_file(path, bad.key)
+    if field not in pf.schema_arrow.names:
+        raise DataConfigError(
+            f"{bad.key}.text_field={field!r} is not a column of {path} (columns: {pf.schema_arrow.names}); "
+            f"set text_field to the one holding the text, or remove that file"
+        )
+    if pf.metadata.num_rows == 0:
+        bad.add(path, 0, "empty_file", "the file has no rows")
+        return
+    row = 0
+    try:
+        batches = pf.iter_batches(columns=[field], batch_size=1024)
+        for batch in batches:
+            col = batch.column(0)
+            if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+                col = col.cast(pa.large_binary())  # decode here: invalid UTF-8 is then one bad row
+            for v in col.to_pylist():
+                row += 1
+                if isinstance(v, bytes):
+                    v, why = _decode(v, tolerance)
+                    if why:
+                        bad.add(path, row, "invalid_utf8", why[1], unit="row")
+                        continue
+                text, why = _checked_text(v, field)
+                if why:
+                    bad.add(path, row, *why, unit="row")
+                    continue
+                yield text
+    except (OSError, pa.ArrowException) as e:
+        raise DataConfigError(
+            f"{bad.key}.path: {path} is damaged after row {row} ({str(e).splitlines()[0]}); "
+            f"re-copy the file or remove it from the source"
+        ) from None
+
+
+def read_source(
+    src: SourceConfig,
+    root: str | None = None,
+    *,
+    key: Optional[str] = None,
+    bad: Optional[BadRecords] = None,
+    max_invalid_utf8_fraction: float = DEFAULT_MAX_INVALID_UTF8,
+) -> Iterator[Doc]:
+    """Yield (doc_id, text) in a deterministic order; bad records are refused or counted in ``bad``.
+
+    Invalid UTF-8 up to ``max_invalid_utf8_fraction`` of a record's characters becomes U+FFFD.
+    """
+    fmt, files = source_files(src, root, key)
     if fmt == "builtin":
         docs = get_builtin(_builtin_name(src)).read()
     else:
-        docs = _read_hf(src, fmt, files)
+        bad = bad or BadRecords(src, key)
+        docs = ((f"{i}", t) for i, t in enumerate(_read_files(src, fmt, files, bad, max_invalid_utf8_fraction)))
     for i, doc in enumerate(docs):
         if src.max_docs is not None and i >= src.max_docs:
             break
         yield doc
 
 
-def _read_hf(src: SourceConfig, fmt: str, files: List[Path]) -> Iterator[Doc]:
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import datasets
-
-    datasets.disable_progress_bars()
-    data_files = [str(f) for f in files]
-    if fmt == "text":
-        kw = dict(sample_by="document", encoding_errors="replace")
-        ds = datasets.load_dataset("text", data_files=data_files, split="train", **kw)
-        field = "text"
-    else:
-        ds = datasets.load_dataset("json" if fmt == "jsonl" else "parquet", data_files=data_files, split="train")
-        field = src.text_field
-        if field not in ds.column_names:
-            raise DataConfigError(
-                f"data.sources[{src.name}].text_field={field!r} is not a field (fields: {ds.column_names})"
-            )
-    for i, row in enumerate(ds.select_columns([field])):
-        text = row[field]
-        if isinstance(text, str):
-            yield f"{i}", text
+def _read_files(src: SourceConfig, fmt: str, files: List[Path], bad: BadRecords, tolerance: float) -> Iterator[str]:
+    for f in files:
+        if fmt == "text":
+            yield from _read_text(f, bad, tolerance)
+        elif fmt == "jsonl":
+            yield from _read_jsonl(f, src.text_field, bad, tolerance)
+        else:
+            yield from _read_parquet(f, src.text_field, bad, tolerance)

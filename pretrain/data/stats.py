@@ -30,14 +30,18 @@ def print_stage_table(console, stage: str, stats: Dict[str, dict], note: str = "
     from rich.table import Table
 
     table = Table(title=f"{stage}{' (' + note + ')' if note else ''}", title_justify="left")
-    for col in ["source", "docs in", "docs out", "MB in", "MB out", "dropped / changed"]:
-        table.add_column(col, justify="left" if col in ("source", "dropped / changed") else "right")
+    # The read stage also counts the bad records it dropped (on_bad_record: drop), by kind.
+    with_bad = any("bad_records" in s for s in stats.values())
+    cols = ["source", "docs in", "docs out", "MB in", "MB out", "dropped / changed"] + (["bad records dropped"] if with_bad else [])
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("source", "dropped / changed", "bad records dropped") else "right")
     for name, s in stats.items():
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(s["reasons"].items()) if v)
-        table.add_row(
-            name, f"{s['docs_in']:,}", f"{s['docs_out']:,}", f"{s['bytes_in'] / 1e6:.2f}",
-            f"{s['bytes_out'] / 1e6:.2f}", reasons or "-",
-        )
+        row = [name, f"{s['docs_in']:,}", f"{s['docs_out']:,}", f"{s['bytes_in'] / 1e6:.2f}", f"{s['bytes_out'] / 1e6:.2f}", reasons or "-"]
+        if with_bad:
+            kinds = ", ".join(f"{k} {v}" for k, v in sorted(s.get("bad_record_kinds", {}).items()))
+            row.append(f"{s.get('bad_records', 0):,}" + (f" ({kinds})" if kinds else ""))
+        table.add_row(*row)
     console.print(table)
 
 

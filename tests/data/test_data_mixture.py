@@ -108,7 +108,8 @@ def test_no_document_repeats_within_an_epoch(train_stream):
             assert len(found) > 0.5 * len(heads) * 0.8  # most training documents seen once
 
 
-def test_same_seed_same_order_and_resume(prepared_synth, train_stream):
+def test_same_seed_same_order_other_seed_differs(prepared_synth, train_stream):
+    """Determinism (not a resume): two builds with one seed give the same stream, another seed not."""
     cfg, p, train, *_ = train_stream
     from omegaconf import OmegaConf
 
@@ -117,25 +118,124 @@ def test_same_seed_same_order_and_resume(prepared_synth, train_stream):
     idx = list(range(0, 6000, 37))
     assert all((train[i]["tokens"] == again[i]["tokens"]).all() for i in idx)
     assert not all((train[i]["tokens"] == other[i]["tokens"]).all() for i in idx[:50])
-    # Resuming from a consumed-sample count c: a fresh build continues with sample c.
-    consumed = 2345
-    assert all((train[consumed + j]["tokens"] == again[consumed + j]["tokens"]).all() for j in range(50))
+
+
+def _steps(ds, first_step, last_step, global_batch, micro, dp):
+    """Token rows consumed by steps [first, last), in the trainer's order (trainer.micro_batches:
+    micro-step j of a step starting at sample s covers s + j*micro*dp...; DP rank r takes its
+    ``micro`` of them), every rank's rows concatenated."""
+    rows = []
+    for step in range(first_step, last_step):
+        first = step * global_batch
+        for start in range(first, first + global_batch, micro * dp):
+            for r in range(dp):
+                lo = start + r * micro
+                rows += [ds[i]["tokens"].tolist() for i in range(lo, lo + micro)]
+    return rows
+
+
+def test_resume_from_consumed_samples_continues_the_stream(train_stream):
+    """A run stopped after k steps and resumed from its consumed-sample count (a fresh build, here
+    for a longer plan, as when trainer.max_steps is raised on resume) consumes exactly what the
+    uninterrupted run does, across an epoch boundary of every source, and replays nothing."""
+    cfg, p, train, *_ = train_stream
+    from omegaconf import OmegaConf
+
+    G, micro, dp, k, total = 64, 4, 2, 30, 60  # 60 steps x 64 = 3840 samples
+    assert total * G > 2 * max(ds.samples_per_epoch for ds in train.datasets)
+    uninterrupted = _steps(train, 0, total, G, micro, dp)
+    before = _steps(train, 0, k, G, micro, dp)
+    resumed_ds, _, _ = build_datasets(p, OmegaConf.create(cfg), SEQ, (9000, 0, 0), seed=7)
+    after = _steps(resumed_ds, k, total, G, micro, dp)  # first sample: consumed = k * G
+    assert before + after == uninterrupted
+    # Not trivially so: restarting the stream at sample 0 would replay the first steps.
+    assert _steps(resumed_ds, 0, 2, G, micro, dp) != after[: 2 * G]
+
+
+def test_report_holds_tokens_weights_and_epochs_per_source(prepared_synth):
+    """The mixture report (returned, printed and written) gives each source's tokens, training
+    tokens (the train share of the split), the configured weight, epochs = weight x budget / train
+    tokens, and the bad records dropped while reading it."""
+    import io
+    import json
+
+    from rich.console import Console
+
+    from pretrain.data.mixture import print_report
+
+    cfg, p = prepared_synth
+    rep = p.report
+    assert [r["source"] for r in rep["sources"]] == ["a", "b", "c"]
+    assert rep["token_budget"] == sum(r["train_tokens"] for r in rep["sources"])  # no data.token_budget
+    for r, w in zip(rep["sources"], (0.5, 0.3, 0.2)):
+        assert r["tokens"] == p.tokens[r["source"]] > 0
+        assert r["train_tokens"] == int(0.8 * r["tokens"])  # split 80,10,10
+        assert r["weight"] == pytest.approx(w)
+        assert r["epochs"] == pytest.approx(w * rep["token_budget"] / r["train_tokens"])
+        assert r["repeated"] == (r["epochs"] > 3.0) and r["bad_records"] == 0
+    assert json.load(open(f"{p.shard_dir}/mixture_report.json")) == rep
+    out = io.StringIO()
+    print_report(Console(file=out, width=200), rep)
+    table = out.getvalue()
+    assert "bad records dropped" in table and "epochs elapsed" in table
+    for r in rep["sources"]:
+        line = next(ln for ln in table.splitlines() if ln.split("│")[1:2] == [f" {r['source']} "] or ln.startswith(f"│ {r['source']} "))
+        assert f"{r['tokens']:,}" in line and f"{r['weight']:.1%}" in line and f"{r['epochs']:.2f}" in line
 
 
 def test_valid_test_disjoint_from_train_and_per_source(train_stream):
     cfg, p, train, valid, test, _ = train_stream
+    import re
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
     from omegaconf import OmegaConf
 
     per_source = build_eval_datasets(p, OmegaConf.create(cfg), SEQ, seed=7)
     assert set(per_source) == {"a", "b", "c"}
     tok = Tokenizer.from_file(p.tokenizer_file)
+    first_record = {"a": 0, "b": 120, "c": 200}  # conftest: a holds Records 0-119, b 120-199, c 200-259
     for name, ds in per_source.items():
-        text = tok.decode(ds[0]["tokens"].tolist())
-        assert "Record" in text or len(text) > 0
+        prefix = dict((n, pre) for n, pre, _ in p.sources)[name]
+        docs = IndexedDataset(prefix)
+        texts = {int(k): tok.decode(docs[int(k)][:-1].tolist()) for k in ds.indices}
+        # The validation split of "80,10,10" is the documents from 80% to 90% of the source.
+        assert sorted(texts) == list(range(round(0.8 * len(docs)), round(0.9 * len(docs)))), name
+        # Each validation document is the source's own: document k of source a is Record k, etc.
+        for k, text in texts.items():
+            assert text.startswith(f"Record {first_record[name] + k} opens the account"), (name, k, text[:40])
+        # Every sample is made of those documents only: each piece between end-of-text tokens
+        # decodes to a substring of one of them (so no other split or source leaks in).
+        pieces = 0
+        for i in range(len(ds)):
+            ids = ds[i]["tokens"].tolist()
+            assert len(ids) == SEQ
+            for piece in (tok.decode(part) for part in _split(ids, p.eod_id)):
+                if piece:
+                    assert any(piece in t for t in texts.values()), (name, i, piece)
+                    pieces += 1
+        assert pieces >= len(ds)
+        heads = {int(m) for i in range(len(ds)) for m in re.findall(r"Record (\d+) opens", tok.decode(ds[i]["tokens"].tolist()))}
+        assert heads and heads <= {first_record[name] + k for k in texts}
         # Validation documents are not in the training split (megatron-core splits by document).
         train_docs = train.datasets[[n for n, _, _ in p.sources].index(name)].indices
         assert not set(ds.indices.tolist()) & set(train_docs.tolist())
-    assert build_datasets(p, OmegaConf.create(cfg), SEQ, (100, 0, 0), seed=1)[1:] == (None, None)
+    # The trainer asks for training samples only, (n, 0, 0): its documents are still the train
+    # split's, never the validation documents evaluated above.
+    train_only, *rest = build_datasets(p, OmegaConf.create(cfg), SEQ, (100, 0, 0), seed=1)
+    assert rest == [None, None]
+    for k, name in enumerate(n for n, _, _ in p.sources):
+        assert train_only.datasets[k].indices.tolist() == train.datasets[k].indices.tolist(), name
+
+
+def _split(ids, eod):
+    part = []
+    for t in ids:
+        if t == eod:
+            yield part
+            part = []
+        else:
+            part.append(t)
+    yield part
 
 
 def test_validation_split_shorter_than_one_sequence_is_left_out(train_stream):

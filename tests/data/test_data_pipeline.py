@@ -73,14 +73,14 @@ def _expect(cfg, match):
 def test_missing_file(synth_dir, tmp_path):
     cfg = synth_cfg(synth_dir, tmp_path)
     cfg["sources"][1]["path"] = str(tmp_path / "nope.jsonl")
-    _expect(cfg, r"sources\[b\]\.path: .*nope.jsonl does not exist")
+    _expect(cfg, r"data\.sources\[1\]\.path: .*nope.jsonl does not exist.*source .b.")
     assert not (tmp_path / "clean").exists()  # nothing ran
 
 
 def test_absent_text_field(synth_dir, tmp_path):
     cfg = synth_cfg(synth_dir, tmp_path)
     cfg["sources"][0]["text_field"] = "body"
-    _expect(cfg, r"sources\[a\]\.text_field='body' is not a field")
+    _expect(cfg, r"data\.sources\[0\]\.text_field='body' is not a field")
 
 
 @pytest.mark.parametrize(
@@ -114,7 +114,7 @@ def test_vocabulary_without_eod(synth_dir, tmp_path):
 def test_unknown_keys_and_overrides_are_named(synth_dir, tmp_path):
     cfg = synth_cfg(synth_dir, tmp_path)
     cfg["sources"][0]["overrides"] = {"clean": {"min_charz": 5}}
-    _expect(cfg, r"sources\[a\]\.overrides: .*min_charz")
+    _expect(cfg, r"data\.sources\[0\]\.overrides: .*min_charz")
     cfg = synth_cfg(synth_dir, tmp_path, stages={"dedupe": {}})
     _expect(cfg, "dedupe")
 
