@@ -57,7 +57,6 @@ def init_single_process() -> None:
 
     if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
         return
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     distributed.init_distributed(ParallelConfig())
 
 
@@ -207,6 +206,7 @@ def prompt_ids(text: str, vocab_size: int) -> list[int]:
 
 
 def _run(args) -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before anything imports DeepSpeed: its warning goes to stdout
     _check_sampling(args)
     torch.set_grad_enabled(False)
     model_cfg, model, tokenizer = load(args.model)

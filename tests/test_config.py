@@ -55,19 +55,47 @@ def test_presets_reproduce_the_reference_tables():
     assert ffn_hidden_size(make("model=gpt1").model) == 3072
 
 
-@pytest.mark.parametrize("name", presets("parallel"))
-def test_every_parallel_plan_validates_at_its_world_size(name):
+def _plan_config(name):
+    """A config that parallel plan ``name`` fits (every other rule satisfied)."""
     cfg = make(f"parallel={name}", "data=synthetic", "model=tiny-llama", "model.num_kv_heads=4",
                "trainer.micro_batch_size=1", "trainer.global_batch_size=64")
-    p = cfg.parallel
-    if p.tensor > 4:  # the GPU plans: a model with enough heads
+    if cfg.parallel.tensor > 4:  # the GPU plans: a model with enough heads
         cfg = make(f"parallel={name}", "model=gpt3-xl", "data=synthetic", "trainer.micro_batch_size=1",
                    "trainer.global_batch_size=64", "trainer.seq_length=2048")
+    return cfg
+
+
+@pytest.mark.parametrize("name", presets("parallel"))
+def test_every_parallel_plan_validates_at_its_world_size(name):
+    cfg = _plan_config(name)
+    p = cfg.parallel
     validate(cfg, world_size=p.tensor * p.pipeline * p.data)
+
+
+@pytest.mark.parametrize("name", presets("parallel"))
+def test_every_parallel_plan_is_refused_at_another_world_size(name):
+    """tp * pp * dp must equal the number of launched processes: one too few, one too many, twice as
+    many (and a single process) are each refused with exactly that one problem, naming the keys, the
+    plan's sizes, the launched count and the fix."""
+    cfg = _plan_config(name)
+    tp, pp, dp = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.data
+    want = tp * pp * dp
+    for world in sorted({1, want - 1, want + 1, 2 * want} - {0, want}):
+        with pytest.raises(ConfigError) as err:
+            validate(cfg, world_size=world)
+        assert len(err.value.problems) == 1, (name, world, err.value.problems)
+        message = err.value.problems[0]
+        for fragment in ("parallel.tensor * parallel.pipeline * parallel.data", f"= {tp}*{pp}*{dp} = {want}",
+                         f"{world} process(es) were launched", f"launch {want}", f"multiply to {world}"):
+            assert fragment in message, f"{name} at world size {world}: {fragment!r} not in {message!r}"
 
 
 BAD = {
     "world size": (["parallel=tp2"], 1, ["parallel.tensor * parallel.pipeline * parallel.data", "launch 2"]),
+    # More processes than the plan uses (WORLD_SIZE as torchrun sets it): refused, not silently idle.
+    "world size too large": (["parallel=dp2_zero1", "trainer.micro_batch_size=4", "trainer.global_batch_size=8"], 4,
+                             ["parallel.tensor * parallel.pipeline * parallel.data = 1*1*2 = 2",
+                              "4 process(es) were launched", "launch 2"]),
     "heads vs tp": (["parallel=tp2", "model.num_attention_heads=1"], 2, ["model.num_attention_heads=1", "parallel.tensor=2"]),
     "kv heads vs tp": (["parallel=tp2", "model=tiny-llama", "model.num_kv_heads=1"], 2, ["model.num_kv_heads=1", "whole KV heads"]),
     "ffn vs tp": (["parallel=tp2", "model.ffn_hidden_size=129"], 2, ["FFN size 129", "parallel.tensor=2"]),

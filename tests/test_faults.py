@@ -1,7 +1,9 @@
 """Bad losses skip the update; stop signals save and exit; a dead rank ends the job; runs resume."""
 
+import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,11 +36,39 @@ def _run(cwd: Path, nproc: int, args: list, env=None, timeout=300, launcher: tup
                           text=True, timeout=timeout, cwd=cwd)
 
 
-def _start(cwd: Path, nproc: int, args: list, log: Path):
+def _start(cwd: Path, nproc: int, args: list, log: Path, env=None):
     """A job in its own process group (as under slurmstepd), output to ``log``."""
     with open(log, "w") as out:
-        return subprocess.Popen(_command(nproc, args), env=child_env(), stdout=out, stderr=subprocess.STDOUT,
-                                cwd=cwd, start_new_session=True)
+        return subprocess.Popen(_command(nproc, args), env={**child_env(), **(env or {})}, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+
+
+def _descendants(pid: int) -> list:
+    """Child processes of ``pid``, recursively (torchrun starts its workers in sessions of their own)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *_descendants(child)]
+    return found
+
+
+@pytest.fixture
+def jobs():
+    """Jobs started by a test; any still running when it ends (a failed check) are killed, workers included."""
+    started = []
+    yield started
+    for job in started:
+        if job.poll() is None:
+            for pid in [job.pid, *_descendants(job.pid)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            job.wait()
 
 
 def _wait_for(predicate, proc, timeout=180):
@@ -58,6 +88,86 @@ def _steps(run_dir: Path) -> list:
 
 def _state(tag_dir: Path) -> dict:
     return json.loads((tag_dir / "manifest.json").read_text())["train_state"]
+
+
+def _intact(tag_dir: Path) -> bool:
+    manifest = json.loads((tag_dir / "manifest.json").read_text())
+    return all(hashlib.sha256((tag_dir / name).read_bytes()).hexdigest() == entry["sha256"]
+               for name, entry in manifest["files"].items())
+
+
+def _rank_pids(job) -> dict:
+    """{RANK: pid} of the workers torchrun (``job``) started."""
+    ranks = {}
+    for pid in Path(f"/proc/{job.pid}/task/{job.pid}/children").read_text().split():
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = next((e.split(b"=", 1)[1] for e in environ if e.startswith(b"RANK=")), None)
+        ranks[int(rank)] = int(pid)
+    return ranks
+
+
+def _assert_stopped_with_checkpoint(run: Path, after: int, log: str) -> int:
+    """The step the run stopped at: its metrics end there and an intact checkpoint holds that step."""
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").is_file(), log[-3000:]
+    stopped = int((ckpts / "latest").read_text()[4:])
+    assert stopped > after, (stopped, after)
+    assert _state(ckpts / f"step{stopped:08d}")["step"] == stopped
+    assert _intact(ckpts / f"step{stopped:08d}")
+    assert [r["step"] for r in _steps(run)][-1] == stopped, "the step in progress is finished and logged"
+    return stopped
+
+
+# Slow steps (a planted sleep after each) so that a signal lands mid-run; a run the signal fails to
+# stop ends by itself after 150 steps (~30 s) and fails the exit-code check.
+SLOW = {"PRETRAIN_TEST_STEP_DELAY": "0.2"}
+
+
+def test_usr1_and_sigterm_finish_the_step_save_and_exit_75_and_the_next_launch_resumes(tmp_path, jobs):
+    """One process, no launcher in between: the exit code is the trainer's own (faults.EXIT_STOPPED).
+    USR1 (Slurm's warning before the time limit) stops the first launch; the relaunch in the same run
+    directory resumes from that checkpoint and is stopped by SIGTERM (scancel, preemption)."""
+    run = tmp_path / "run"
+    args = TINY + ["trainer.max_steps=150", f"hydra.run.dir={run}"]
+    stopped = 0
+    for launch, sig in enumerate((signal.SIGUSR1, signal.SIGTERM)):
+        log_path = tmp_path / f"{sig.name}.log"
+        job = _start(tmp_path, 1, args, log_path, env=SLOW)
+        jobs.append(job)
+        _wait_for(lambda: len(_steps(run)) >= stopped + 2, job)
+        job.send_signal(sig)
+        code = job.wait(timeout=120)
+        log = log_path.read_text()
+        assert code == 75, f"{sig.name}: exit code {code}, want 75 (stopped with a checkpoint)\n{log[-3000:]}"
+        assert f"received {sig.name}: stopping; run again to resume" in log, log[-3000:]
+        if launch:
+            assert f"resumed from {run / 'checkpoints'} at step {stopped}" in log, log[-3000:]
+        stopped = _assert_stopped_with_checkpoint(run, stopped, log)
+        assert [r["step"] for r in _steps(run)] == list(range(1, stopped + 1)), "each step logged once"
+    assert stopped < 150
+
+
+def test_usr1_to_one_rank_stops_every_rank_at_the_same_step_with_exit_75(tmp_path, jobs):
+    """dp2 under torchrun: only rank 1 gets USR1 (as when a signal reaches the ranks at different
+    times); rank 0 learns it through the per-step all-reduce, both save the same step and exit 75."""
+    run = tmp_path / "run"
+    # A short collective timeout: ranks that disagree about stopping fail in 30 s instead of hanging.
+    job = _start(tmp_path, 2, TINY + ["parallel=dp2", "trainer.max_steps=150", "parallel.timeout_minutes=0.5",
+                                      f"hydra.run.dir={run}"], tmp_path / "job.log", env=SLOW)
+    jobs.append(job)
+    _wait_for(lambda: len(_steps(run)) >= 2, job)
+    os.kill(_rank_pids(job)[1], signal.SIGUSR1)
+    assert job.wait(timeout=120) != 0
+    log = (tmp_path / "job.log").read_text()
+    # torchrun exits 1 and lists the workers' own exit codes: 75 for the first to exit; it then
+    # SIGTERMs the others, which may still be tearing down (-15) or have exited 75 too.
+    codes = [int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", log)]
+    assert 75 in codes and set(codes) <= {75, -15}, (codes, log[-4000:])
+    assert "received a stop signal (on another rank): stopping" in log, log[-3000:]  # rank 0 logs
+    stopped = _assert_stopped_with_checkpoint(run, 1, log)
+    tag_dir = run / "checkpoints" / f"step{stopped:08d}"
+    assert json.loads((tag_dir / "manifest.json").read_text())["world_size"] == 2
+    assert (tag_dir / "rng" / "rank00001.pt").is_file(), "rank 1 saved the same step"
 
 
 def test_nan_losses_skip_the_update_and_too_many_in_a_row_stop_with_state_saved(tmp_path):
@@ -93,16 +203,24 @@ def test_nan_losses_skip_the_update_and_too_many_in_a_row_stop_with_state_saved(
     assert all(r["loss"] == r["loss"] for r in records if r["step"] in (1, 2, 4)), "finite losses elsewhere"
 
 
-def test_sigterm_saves_and_exits_then_a_killed_rank_ends_the_job_and_a_relaunch_resumes(tmp_path):
+def test_sigterm_saves_and_exits_then_a_killed_rank_ends_the_job_and_a_relaunch_resumes(tmp_path, jobs):
     run = tmp_path / "run"
     common = TINY + ["parallel=dp2", "trainer.max_steps=400", f"hydra.run.dir={run}"]
     ckpts = run / "checkpoints"
 
-    # SIGTERM to the whole process group, as slurmstepd sends it: each rank gets it twice
-    # (directly and forwarded by torchrun).
+    # SIGTERM to every process of the job, as slurmstepd sends it: each rank gets it twice (directly
+    # and forwarded by torchrun). torchrun starts its workers in sessions of their own, so its
+    # process group alone would reach only torchrun.
     job = _start(tmp_path, 2, common, tmp_path / "first.log")
+    jobs.append(job)
     _wait_for(lambda: len(_steps(run)) >= 2, job)
+    ranks = _rank_pids(job)
     os.killpg(job.pid, signal.SIGTERM)
+    for pid in ranks.values():
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
     code = job.wait(timeout=120)
     log = (tmp_path / "first.log").read_text()
     assert code != 0, log[-3000:]
@@ -113,14 +231,9 @@ def test_sigterm_saves_and_exits_then_a_killed_rank_ends_the_job_and_a_relaunch_
 
     # Relaunch: resumes where it stopped; kill -9 one rank after the next checkpoint.
     job = _start(tmp_path, 2, common + ["checkpoint.interval=2"], tmp_path / "second.log")
+    jobs.append(job)
     _wait_for(lambda: (ckpts / "latest").read_text() != f"step{stopped:08d}", job)
-    children = Path(f"/proc/{job.pid}/task/{job.pid}/children").read_text().split()
-    ranks = {}
-    for pid in children:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        rank = next((e.split(b"=", 1)[1] for e in environ if e.startswith(b"RANK=")), None)
-        ranks[rank] = int(pid)
-    os.kill(ranks[b"1"], signal.SIGKILL)
+    os.kill(_rank_pids(job)[1], signal.SIGKILL)
     code = job.wait(timeout=120)  # bounded: no hang on the surviving rank
     log = (tmp_path / "second.log").read_text()
     assert code != 0
