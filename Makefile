@@ -9,12 +9,17 @@ PYTHON ?= python3
 
 setup: $(VENV)/.installed
 
-# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build onto CPU machines.
-$(VENV)/.installed: pyproject.toml pretrain/data/install_corpus.sh
+# Exact versions from constraints.txt (what the tests were measured on); pyproject.toml holds only
+# compatible ranges. torch first: its CPU build (constraints.txt's torch==2.13.0) lies on this
+# machine's disk, and an unpinned torch pulls a multi-GB CUDA build onto CPU machines.
+CONSTRAINTS := constraints.txt
+PIP_INSTALL := $(PY) -m pip install --quiet -c $(CONSTRAINTS)
+
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) pretrain/data/install_corpus.sh
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[torch,dev]'
+	$(PIP_INSTALL) --upgrade pip
+	$(PIP_INSTALL) torch
+	$(PIP_INSTALL) -e '.[cpu,dev]'
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash pretrain/data/install_corpus.sh
 	touch $@
 
