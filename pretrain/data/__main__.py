@@ -11,18 +11,16 @@ import hydra
 from omegaconf import DictConfig
 
 from pretrain.config import CONF_DIR
-from pretrain.errors import user_errors
+from pretrain.errors import HydraEntry
+
+# A bad config or bad input (any UserError: DataConfigError, CorpusNotInstalled), or overrides Hydra
+# cannot compose, is `data: error: ...` on stderr and exit 2 (--debug / HYDRA_FULL_ERROR=1 re-raise).
+entry = HydraEntry("data")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="prepare")
+@entry.task
 def _main(cfg: DictConfig) -> None:
-    # A bad config or bad input (any UserError: DataConfigError, CorpusNotInstalled) is
-    # `data: error: ...` on stderr and exit 2, no traceback (--debug / HYDRA_FULL_ERROR=1 re-raise).
-    with user_errors("data"):
-        _prepare(cfg)
-
-
-def _prepare(cfg: DictConfig) -> None:
     from pretrain.data import prepare_data
 
     prepared = prepare_data(cfg.data)
@@ -34,7 +32,7 @@ def main() -> None:
     from pretrain.config import register_configs
 
     register_configs()
-    _main()
+    entry.run(_main)
 
 
 if __name__ == "__main__":

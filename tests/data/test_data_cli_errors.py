@@ -152,3 +152,12 @@ def test_presets_validate():
     msg = str(e.value)
     assert "data.root=/nonexistent/gpt3: not a folder" in msg
     assert all(f"data.sources[{i}].path: /nonexistent/gpt3/" in msg for i in range(5))
+
+
+def test_cli_overrides_hydra_cannot_compose_exit_2():
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.run([sys.executable, "-m", "pretrain.data", "data.nope=1"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "data.nope" in proc.stderr and "data: error: the configuration could not be composed" in proc.stderr
+    assert "Traceback" not in proc.stderr
