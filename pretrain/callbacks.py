@@ -1,7 +1,7 @@
 """Logging callbacks, run on the logging rank only (global rank 0; every reported metric reaches it).
 
 The trainer calls: ``on_train_start``, ``on_step`` (after each optimizer step, with that step's
-metrics record), ``on_eval``, ``on_checkpoint``, ``on_error`` and ``close``. A callback that
+metrics record, evaluation results included), ``on_checkpoint``, ``on_error`` and ``close``. A callback that
 raises is reported once as a warning and switched off: logging never stops training.
 """
 
@@ -22,8 +22,6 @@ class Callback:
     def on_train_start(self, state) -> None: ...
 
     def on_step(self, record: dict) -> None: ...
-
-    def on_eval(self, record: dict) -> None: ...
 
     def on_checkpoint(self, path: str, step: int) -> None: ...
 
@@ -47,10 +45,21 @@ class Callbacks:
                             type(cb).__name__, event, type(exc).__name__, exc)
                 self.callbacks.remove(cb)
 
-    def __getattr__(self, event: str):
-        if event.startswith("on_") or event == "close":
-            return lambda *args: self._call(event, *args)
-        raise AttributeError(event)
+    # One method per event, so a misspelt event is an AttributeError rather than silently nothing.
+    def on_train_start(self, state) -> None:
+        self._call("on_train_start", state)
+
+    def on_step(self, record: dict) -> None:
+        self._call("on_step", record)
+
+    def on_checkpoint(self, path: str, step: int) -> None:
+        self._call("on_checkpoint", path, step)
+
+    def on_error(self, error: BaseException) -> None:
+        self._call("on_error", error)
+
+    def close(self) -> None:
+        self._call("close")
 
 
 class MetricsFile(Callback):

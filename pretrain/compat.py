@@ -9,13 +9,16 @@ is available, so the GPU path is megatron-core's own code, untouched. Without CU
 - replaces the CUDA RNG tracker (used to fork dropout RNG inside tensor-parallel regions) with
   one that keeps ``torch.Generator`` states of the CPU generator;
 - stops DeepSpeed from JIT-compiling its shared-memory communication op at start-up
-  (40-140 s of compilation for an op that gloo training never uses).
+  (40-140 s of compilation for an op that gloo training never uses);
+- tells DeepSpeed to use its CPU accelerator (``select_cpu_accelerator``, before DeepSpeed is
+  imported), instead of its probe warning that no GPU was found.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 
 import torch
 
@@ -31,6 +34,12 @@ def device() -> torch.device:
     if cuda_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def select_cpu_accelerator() -> None:
+    """DS_ACCELERATOR=cpu when there is no GPU and the user chose nothing. Call before importing DeepSpeed."""
+    if not cuda_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def dist_backend() -> str:

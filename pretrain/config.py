@@ -165,6 +165,9 @@ class LoggingConfig:
     # Weights & Biases: online when logged in (WANDB_API_KEY / `wandb login`), else offline in the run dir.
     wandb: bool = True
     wandb_project: str = "pretrain"
+    # Third-party warnings and INFO records (megatron-core, DeepSpeed) on the terminal too; by
+    # default they go to the run's train.log only (pretrain/console.py).
+    verbose: bool = False
 
 
 @dataclass

@@ -29,8 +29,14 @@ def _main(cfg: DictConfig) -> None:
         from pretrain.data import validate_data_config
 
         validate_data_config(cfg.data)
+    from pretrain import compat
+    from pretrain.console import quiet_third_party
+
+    quiet_third_party(cfg.logging.verbose)
+    compat.select_cpu_accelerator()
     from pretrain.trainer import Trainer  # megatron-core and DeepSpeed: seconds to import
 
+    quiet_third_party(cfg.logging.verbose)  # again: DeepSpeed's logger came with its own handler
     Trainer(cfg, HydraConfig.get().runtime.output_dir).run()
 
 

@@ -165,10 +165,15 @@ class Trainer:
 
         (self.run_dir / "config.yaml").write_text(redacted_yaml(cfg))  # ${oc.env:...} kept, secrets redacted
         log.info(
-            "model %s: %.2fM parameters, %.3g FLOPs/token | layout tp=%d pp=%d dp=%d zero=%d | %s | run dir %s",
+            "model %s: %.2fM parameters, %.3g FLOPs/token | layout tp=%d pp=%d dp=%d zero=%d | %s | "
+            "MFU against %.3g FLOP/s per device (%s) | run dir %s",
             cfg.model.name, self.num_params / 1e6, self.flops_per_token, cfg.parallel.tensor, cfg.parallel.pipeline,
-            cfg.parallel.data, cfg.parallel.zero_stage, cfg.trainer.precision, self.run_dir,
+            cfg.parallel.data, cfg.parallel.zero_stage, cfg.trainer.precision, self.peak_flops, self.peak_source,
+            self.run_dir,
         )
+        if cfg.optim.warmup_tokens > self.total_tokens:  # a smoke run of a recipe's preset: allowed
+            log.warning("optim.warmup_tokens=%d exceeds this run's %d tokens: the LR stays below its peak optim.lr=%g",
+                        cfg.optim.warmup_tokens, self.total_tokens, cfg.optim.lr)
         return build_callbacks(cfg, self.run_dir, cfg.trainer.max_steps)
 
     def _batch_size(self) -> int:
@@ -240,7 +245,6 @@ class Trainer:
                 record.update(self._step_metrics(result, batch, t2 - t0))
                 if tr.eval_interval and state.step % tr.eval_interval == 0 and self.valid_data:
                     record.update(self.evaluate())
-                    callbacks.on_eval(record)
                 callbacks.on_step(record)
                 if cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0:
                     callbacks.on_checkpoint(checkpoint.save(self.engine, self.ckpt_dir, state, cfg.checkpoint.keep_last), state.step)

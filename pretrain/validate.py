@@ -5,14 +5,11 @@ Every problem found is reported together; each names the keys involved and how t
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from pretrain.errors import UserError
-
-log = logging.getLogger(__name__)
 
 
 class ConfigError(UserError):
@@ -200,10 +197,6 @@ def _optim_rules(cfg: DictConfig) -> list[str]:
             f"optim.decay_tokens={opt.decay_tokens} is not beyond optim.warmup_tokens={opt.warmup_tokens}: the cosine "
             "decay would be skipped; make decay_tokens larger than the warmup, or null for the whole run"
         )
-    total = planned_tokens(cfg)
-    if opt.warmup_tokens > total:  # a smoke test of a recipe's preset; not an error
-        log.warning("optim.warmup_tokens=%d exceeds this run's %d tokens: the LR stays below its peak optim.lr=%g",
-                    opt.warmup_tokens, total, opt.lr)
     _at_least(problems, tr, "trainer", ("loss_spike_factor", "max_consecutive_skips", "eval_interval"), 0)
     if 0 < tr.loss_spike_factor <= 1:
         problems.append(f"trainer.loss_spike_factor={tr.loss_spike_factor} would skip ordinary steps: use 0 (off) "

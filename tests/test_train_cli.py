@@ -41,3 +41,20 @@ def test_torchrun_four_processes_tp2_pp2_leaves_a_complete_run_dir(tmp_path):
     assert "tensor: 2" in (run_dir / "config.yaml").read_text()
     assert (run_dir / "loss.png").stat().st_size > 1000
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000004"
+
+
+def test_third_party_warnings_go_to_the_run_log_not_the_terminal(tmp_path):
+    """megatron-core warns that Transformer Engine and Apex are missing, once per import site and process,
+    and DeepSpeed logs INFO blocks: by default they land in train.log; logging.verbose=true shows them."""
+    common = ["data=synthetic", "model=tiny-gpt", "trainer.max_steps=1", "trainer.progress_bar=false",
+              "logging.plot=false", "logging.wandb=false", "checkpoint.save_final=false"]
+    quiet = run_train(common + [f"hydra.run.dir={tmp_path / 'quiet'}"], cwd=tmp_path)
+    loud = run_train(common + ["logging.verbose=true", f"hydra.run.dir={tmp_path / 'loud'}"], cwd=tmp_path)
+    terminal = quiet.stdout + quiet.stderr
+    for chatter in ("Warning:", "warnings.warn", "][megatron.", "[INFO] ["):  # the last: DeepSpeed's format
+        assert chatter not in terminal, f"{chatter!r} on the terminal:\n{terminal[-3000:]}"
+    assert "model tiny-gpt:" in terminal  # the run summary stays
+    loud_terminal = loud.stdout + loud.stderr
+    if "Transformer Engine and Apex are not installed" in loud_terminal:  # a machine without them
+        assert "Transformer Engine and Apex are not installed" in (tmp_path / "quiet" / "train.log").read_text()
+    assert "Warning:" in loud_terminal or "[INFO] [" in loud_terminal, loud_terminal[-3000:]
