@@ -12,7 +12,6 @@ WORKDIR /opt/pretrain
 COPY pyproject.toml README.md constraints.txt ./
 COPY pretrain ./pretrain
 COPY kernels ./kernels
-COPY conf ./conf
 COPY launchers ./launchers
 # Install step (tests/test_packaging.py resolves this step with pip against a stand-in container):
 # - constraints.txt (the tested versions) minus torch, triton and nvidia-*: the container's builds stay;

@@ -16,9 +16,10 @@ from omegaconf import MISSING
 
 from pretrain.data.config import DataConfig
 
-# The YAML groups. Absolute, so `python -m ...` and the console scripts (for which Hydra would
+# The YAML groups ship inside the package (pretrain/conf/), so an installed wheel finds them as an
+# editable install does. Absolute, so `python -m ...` and the console scripts (for which Hydra would
 # resolve a relative config_path as a Python module) find the same folder.
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 @dataclass

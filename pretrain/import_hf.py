@@ -1,6 +1,6 @@
 """Start from a Hugging Face transformers checkpoint (GPT2LMHeadModel or LlamaForCausalLM).
 
-    python -m pretrain.import_hf HF_DIR [--name NAME] > conf/model/NAME.yaml
+    python -m pretrain.import_hf HF_DIR [--name NAME] > pretrain/conf/model/NAME.yaml
     python -m pretrain.train model=NAME model.init_from=HF_DIR ...
 
 ``from_hf`` turns a transformers folder into a model config and canonical full tensors (the

@@ -32,10 +32,11 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pretrain.config import CONF_DIR
 from pretrain.errors import UserError, user_errors
 from pretrain.redact import is_secret_name
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(CONF_DIR)
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 
 # What each rendered value may look like. Everything that reaches a shell line is also shlex-quoted.
@@ -134,7 +135,7 @@ def load_cluster(name: str, overrides: list[str]) -> ClusterConfig:
     known = sorted(p.stem for p in (CONF / "cluster").glob("*.yaml"))
     path = CONF / "cluster" / f"{name}.yaml"
     if not JOB_NAME.fullmatch(name) or not path.is_file():
-        raise ClusterError(f"cluster={name}: no {path}; choose one of {known} (or add conf/cluster/{name}.yaml)")
+        raise ClusterError(f"cluster={name}: no {path}; choose one of {known} (or add that file)")
     merged = OmegaConf.structured(ClusterConfig)
     try:
         from_file = OmegaConf.load(path)
@@ -171,7 +172,7 @@ def load_cluster(name: str, overrides: list[str]) -> ClusterConfig:
     problems = cluster_problems(cluster)
     if problems:
         raise ClusterError(
-            f"cluster={name}: invalid settings (conf/cluster/{name}.yaml or cluster.KEY=VALUE):\n"
+            f"cluster={name}: invalid settings ({path} or cluster.KEY=VALUE):\n"
             + "\n".join(f"  - {p}" for p in problems)
         )
     return cluster

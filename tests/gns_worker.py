@@ -22,7 +22,7 @@ from pretrain.gns import per_step_estimates
 from pretrain.trainer import Trainer
 from pretrain.validate import validate
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CONF = str(Path(__file__).resolve().parents[1] / "pretrain" / "conf")
 
 
 def main(out: str, dp: str, micro: str, *overrides: str) -> None:

@@ -32,7 +32,7 @@ def test_flops_formula_matches_a_hand_count():
     from pretrain.flops import model_flops_per_token
 
     register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "pretrain" / "conf"), version_base="1.3"):
         gpt2 = compose("config", overrides=["model=gpt2-124m", "data=synthetic"]).model
         llama = compose("config", overrides=["model=llama-7b", "data=synthetic"]).model
     # GPT-2 124M: per layer 4h^2 (attention) + 8h^2 (MLP) = 12 * 768^2; LM head 50304 * 768.

@@ -20,12 +20,12 @@ register_configs()
 
 
 def make(*overrides):
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "pretrain" / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))
 
 
 def presets(group):
-    return sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+    return sorted(p.stem for p in (REPO / "pretrain" / "conf" / group).glob("*.yaml"))
 
 
 @pytest.mark.parametrize("name", presets("model"))

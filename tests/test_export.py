@@ -136,7 +136,7 @@ def _model_cfg(name: str):
 
     from pretrain.config import ModelConfig
 
-    values = OmegaConf.load(REPO / f"conf/model/{name}.yaml")
+    values = OmegaConf.load(REPO / f"pretrain/conf/model/{name}.yaml")
     values.pop("defaults")
     return OmegaConf.merge(OmegaConf.structured(ModelConfig), values)
 

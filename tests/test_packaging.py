@@ -1,6 +1,7 @@
 """Packaging guards: pyproject declares compatible ranges, constraints.txt pins what the tests were
 measured on, and the Docker image's install step keeps the container's torch, Triton, apex and
-Transformer Engine.
+Transformer Engine. A built wheel, installed (not editable) in a fresh virtualenv, trains from any
+directory: the config groups ship inside the package.
 
 test_docker_install_keeps_container_packages needs the network (PyPI): pip's resolver downloads
 package metadata. It is marked `network`; everything else reads files only.
@@ -21,10 +22,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    tomllib = pytest.importorskip("tomli")
+import tomllib  # Python >= 3.11 (requires-python)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINTS = ROOT / "constraints.txt"
@@ -73,6 +71,17 @@ def _pins() -> dict[str, Version]:
 def _is_kept(name: str) -> bool:
     name = canonicalize_name(name)
     return name in KEPT or name.startswith(("nvidia-", "cuda-"))
+
+
+def _project_copy(tmp_path: Path) -> Path:
+    """What a build reads, copied out of the work tree (whose build/ folder may hold stale files)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("pretrain", "kernels"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    return src
 
 
 def test_base_dependencies_are_ranges_without_torch_or_triton():
@@ -176,12 +185,7 @@ def test_docker_install_keeps_container_packages(tmp_path, ngc_pins):
     filtered = tmp_path / "constraints.txt"
     filtered.write_text("\n".join(ours) + "\n")
 
-    src = tmp_path / "src"  # build the project's metadata outside the shared work tree
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, src / name)
-    for name in ("pretrain", "kernels"):
-        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    src = _project_copy(tmp_path)  # build the project's metadata outside the shared work tree
 
     report = tmp_path / "report.json"
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
@@ -207,3 +211,47 @@ def test_docker_install_keeps_container_packages(tmp_path, ngc_pins):
     pins = _pins()
     for name in ("megatron-core", "deepspeed", "transformers"):
         assert Version(install[name]) == pins[name], (name, install[name])
+
+
+def test_a_built_wheel_trains_from_an_unrelated_directory(tmp_path):
+    """pip wheel, install it (not editable) into a new virtualenv, run 3 steps of the default config
+    (built-in corpus, tiny GPT) with the console script, from a directory that is not the checkout.
+
+    The new virtualenv takes the already installed dependencies through a path entry to this
+    environment's site-packages (a .pth file: plain paths, so this environment's editable install of
+    the project is not activated there); no package is downloaded. Reading the project's own code
+    from the checkout instead of the wheel would show in ``pretrain.__file__``.
+    """
+    import site
+    import sysconfig
+
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
+                    str(_project_copy(tmp_path))], check=True, capture_output=True, text=True, timeout=300)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    target = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 check=True, capture_output=True, text=True).stdout.strip())
+    deps = [p for p in {*site.getsitepackages(), sysconfig.get_paths()["purelib"]} if Path(p).is_dir()]
+    (target / "project_dependencies.pth").write_text("".join(f"{p}\n" for p in deps))
+    wheel = next(wheels.glob("pretrain-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+                   check=True, capture_output=True, text=True, timeout=300)
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    where = subprocess.run([str(python), "-c", "import pretrain; print(pretrain.__file__)"], cwd=elsewhere, env=env,
+                           check=True, capture_output=True, text=True).stdout
+    assert str(target) in where and str(ROOT) not in where, where
+    proc = subprocess.run([str(venv / "bin" / "pretrain-train"), "trainer.max_steps=3", "trainer.progress_bar=false",
+                           "trainer.eval_interval=0", "logging.wandb=false", "logging.plot=false", "hydra.run.dir=run"],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = [json.loads(line)["step"] for line in (elsewhere / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    help_text = subprocess.run([str(venv / "bin" / "pretrain-data"), "--help"], cwd=elsewhere, env=env,
+                               capture_output=True, text=True, timeout=120)
+    assert help_text.returncode == 0 and "data: builtin" in help_text.stdout, help_text.stdout[-2000:]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from pretrain import compat, distributed
-from pretrain.config import ModelConfig, register_configs
+from pretrain.config import CONF_DIR, ModelConfig, register_configs
 from pretrain.errors import UserError, composing, user_errors
 from pretrain.engine import TrainEngine, deepspeed_config
 from pretrain.flops import measured_matmul_flops, model_flops_per_token
@@ -34,7 +33,7 @@ from pretrain.optim import build_optimizer
 from pretrain.synthetic import SyntheticDataset
 from pretrain.validate import grad_accum_steps, validate
 
-CONF = str(Path(__file__).resolve().parents[2] / "conf")
+CONF = CONF_DIR
 
 
 def hf_model(cfg: ModelConfig, vocab: int) -> torch.nn.Module:

@@ -143,7 +143,7 @@ def test_presets_validate():
     from pretrain.config import register_configs
 
     register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(REPO / "pretrain" / "conf"), version_base="1.3"):
         for name in ("builtin", "tiny", "synthetic"):
             validate_data_config(compose("prepare", overrides=[f"data={name}"]).data)
         gpt3 = compose("prepare", overrides=["data=gpt3_mix", "data.root=/nonexistent/gpt3"]).data
