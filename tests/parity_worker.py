@@ -17,7 +17,7 @@ from pretrain.config import register_configs
 from pretrain.metrics import read_metrics
 from pretrain.trainer import Trainer
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CONF = str(Path(__file__).resolve().parents[1] / "pretrain" / "conf")
 
 
 def main(out: str, jobs_file: str, workdir: str) -> None:
