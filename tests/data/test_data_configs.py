@@ -10,7 +10,7 @@ from pretrain.data import prepare_data
 from pretrain.data.corpus import BUILTINS
 from pretrain.data.pipeline import to_config
 
-CONF = str(Path(__file__).resolve().parents[2] / "conf")
+CONF = str(Path(__file__).resolve().parents[2] / "pretrain" / "conf")
 
 
 def _compose(*overrides):
