@@ -18,8 +18,15 @@ FAST = [
 ]
 
 
+# Process-group coordinates: a one-process group created in the test process (generate, Trainer.run)
+# writes them into os.environ; a child job must never inherit them (see conftest.py).
+GROUP_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                   "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
 def child_env() -> dict:
-    env = dict(os.environ)
+    """This environment for a child job, less the process-group coordinates this process may hold."""
+    env = {k: v for k, v in os.environ.items() if k not in GROUP_VARIABLES}
     env.setdefault("OMP_NUM_THREADS", "1")
     env["DS_ACCELERATOR"] = "cpu"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
