@@ -1,7 +1,7 @@
 """``python -m pretrain.launch slurm [cluster=NAME] [cluster.KEY=VALUE] [training overrides] [--dry-run]``
 
 Renders an sbatch script from the composed training config (validated here, before anything is
-queued) and a ``conf/cluster/<NAME>.yaml`` (partition, account, GPUs and CPUs per node, time limit,
+queued) and a ``pretrain/conf/cluster/<NAME>.yaml`` (partition, account, GPUs and CPUs per node, time limit,
 environment set-up, extra ``#SBATCH`` lines), then submits it with ``sbatch`` or, with ``--dry-run``,
 prints it (``--output FILE`` writes it).
 
@@ -33,7 +33,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pretrain.config import CONF_DIR
-from pretrain.errors import UserError, user_errors
+from pretrain.errors import UserError, composing, user_errors
 from pretrain.redact import is_secret_name
 
 CONF = Path(CONF_DIR)
@@ -51,12 +51,12 @@ ENV_REF = re.compile(r"\$\{oc\.env:\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}")
 
 
 class ClusterError(UserError):
-    """A cluster setting (conf/cluster/<name>.yaml or cluster.KEY=VALUE) that cannot be rendered safely."""
+    """A cluster setting (pretrain/conf/cluster/<name>.yaml or cluster.KEY=VALUE) that cannot be rendered safely."""
 
 
 @dataclass
 class ClusterConfig:
-    """conf/cluster/<name>.yaml; ``cluster.KEY=VALUE`` overrides it. Unknown keys and wrong types are refused."""
+    """pretrain/conf/cluster/<name>.yaml; ``cluster.KEY=VALUE`` overrides it. Unknown keys and wrong types are refused."""
 
     name: str = MISSING
     partition: Optional[str] = None  # --partition (a comma-separated list is fine)
@@ -93,16 +93,12 @@ VALID_KEYS = [f.name for f in fields(ClusterConfig)]
 def compose_training(overrides: list[str]) -> DictConfig:
     """The training config exactly as ``pretrain.train`` would compose it from ``overrides``."""
     from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
 
     from pretrain.config import register_configs
 
     register_configs()
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise UserError(f"training config: {err}") from err  # Hydra's message names the override
+    with composing("training config"), initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)  # Hydra's message names the override
 
 
 def _omegaconf_problem(err: OmegaConfBaseException, where: str, in_file: bool = False) -> ClusterError:
@@ -131,7 +127,7 @@ def _parse_override(item: str) -> DictConfig:
 
 
 def load_cluster(name: str, overrides: list[str]) -> ClusterConfig:
-    """conf/cluster/<name>.yaml merged with the overrides into the typed schema, then checked."""
+    """pretrain/conf/cluster/<name>.yaml merged with the overrides into the typed schema, then checked."""
     known = sorted(p.stem for p in (CONF / "cluster").glob("*.yaml"))
     path = CONF / "cluster" / f"{name}.yaml"
     if not JOB_NAME.fullmatch(name) or not path.is_file():
