@@ -171,6 +171,9 @@ class Trainer:
             cfg.parallel.data, cfg.parallel.zero_stage, cfg.trainer.precision, self.peak_flops, self.peak_source,
             self.run_dir,
         )
+        if 0 < cfg.trainer.loss_spike_factor <= 1:  # skips ordinary steps; the fault tests use it so
+            log.warning("trainer.loss_spike_factor=%g skips every update whose loss is above the running mean; "
+                        "use 0 (off) or a factor above 1, e.g. 3", cfg.trainer.loss_spike_factor)
         if cfg.optim.warmup_tokens > self.total_tokens:  # a smoke run of a recipe's preset: allowed
             log.warning("optim.warmup_tokens=%d exceeds this run's %d tokens: the LR stays below its peak optim.lr=%g",
                         cfg.optim.warmup_tokens, self.total_tokens, cfg.optim.lr)

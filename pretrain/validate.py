@@ -198,9 +198,6 @@ def _optim_rules(cfg: DictConfig) -> list[str]:
             "decay would be skipped; make decay_tokens larger than the warmup, or null for the whole run"
         )
     _at_least(problems, tr, "trainer", ("loss_spike_factor", "max_consecutive_skips", "eval_interval"), 0)
-    if 0 < tr.loss_spike_factor <= 1:
-        problems.append(f"trainer.loss_spike_factor={tr.loss_spike_factor} would skip ordinary steps: use 0 (off) "
-                        "or a factor above 1, e.g. 3")
     if tr.eval_interval and tr.eval_iters < 1:
         problems.append(f"trainer.eval_iters={tr.eval_iters} must be >= 1 when trainer.eval_interval > 0")
     return problems

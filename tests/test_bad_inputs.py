@@ -59,7 +59,7 @@ TRAIN_CASES = {
     "zero_stage_five": (["parallel.zero_stage=5"], ["parallel.zero_stage=5"]),
     "negative_keep_last": (["checkpoint.keep_last=-1"], ["checkpoint.keep_last=-1"]),
     "log_interval_zero": (["logging.interval=0"], ["logging.interval=0"]),
-    "spike_factor_below_one": (["trainer.loss_spike_factor=0.5"], ["trainer.loss_spike_factor=0.5"]),
+    "negative_spike_factor": (["trainer.loss_spike_factor=-1"], ["trainer.loss_spike_factor=-1"]),
     "init_from_missing": (["model.init_from=/nonexistent/model"], ["model.init_from=/nonexistent/model"]),
     "not_an_integer": (["trainer.seq_length=abc"], ["trainer.seq_length", "could not be composed"]),
     "unknown_key": (["trainer.seq_len=64"], ["seq_len", "could not be composed"]),
