@@ -34,7 +34,7 @@ from megatron.core.tensor_parallel import get_cuda_rng_tracker
 from pretrain import reshard, safeload
 from pretrain.engine import TrainEngine
 from pretrain.errors import CheckpointError
-from pretrain.manifest import MANIFEST, checkpoints, compare, file_hash, read_expected
+from pretrain.manifest import MANIFEST, checkpoints, compare, hashes, read_expected
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +76,7 @@ def _files(tag_dir: Path) -> list[str]:
 def _shared_hashes(tag_dir: Path, names: list[str]) -> dict:
     """{name: size and sha256}, the hashing split over the ranks. Collective."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    mine = {}
-    for name in names[rank::world]:
-        try:
-            mine[name] = file_hash(tag_dir / name)
-        except OSError as err:
-            mine[name] = {"error": str(err)}
+    mine = hashes(tag_dir, names[rank::world])
     parts = [None] * world
     dist.all_gather_object(parts, mine)
     merged = {}
