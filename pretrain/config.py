@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -60,7 +60,7 @@ class ModelConfig:
     local_window: Optional[int] = None
     local_attention_layers: str = "none"
     # A transformers folder (GPT2LMHeadModel / LlamaForCausalLM) whose weights replace the random
-    # init; the settings above must describe the same architecture (pretrain.import_hf).
+    # init; the settings above must describe the same architecture (pretrain.interop.import_hf).
     init_from: Optional[str] = None
     # Reference numbers from the papers, shown in summaries; never used for computation.
     reference_params: Optional[str] = None

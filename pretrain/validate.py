@@ -220,7 +220,7 @@ def _run_rules(cfg: DictConfig) -> list[str]:
 
 def planned_tokens(cfg: DictConfig) -> int:
     """Tokens the whole run will consume, following the batch ramp."""
-    from pretrain.optim import batch_size_at
+    from pretrain.train.optim import batch_size_at
 
     tr = cfg.trainer
     tokens, increment = 0, tr.micro_batch_size * cfg.parallel.data

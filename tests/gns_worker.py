@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from pretrain import distributed
+from pretrain.engine import groups as distributed
 from pretrain.config import register_configs
-from pretrain.gns import per_step_estimates
-from pretrain.trainer import Trainer
+from pretrain.train.gns import per_step_estimates
+from pretrain.train.trainer import Trainer
 from pretrain.validate import validate
 
 CONF = str(Path(__file__).resolve().parents[1] / "pretrain" / "conf")

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 
 from pretrain.config import register_configs
 from pretrain.metrics import read_metrics
-from pretrain.trainer import Trainer
+from pretrain.train.trainer import Trainer
 
 CONF = str(Path(__file__).resolve().parents[1] / "pretrain" / "conf")
 

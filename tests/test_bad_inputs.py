@@ -236,7 +236,7 @@ def test_import_of_an_unsupported_architecture(tmp_path, capsys):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pretrain.export", str(tmp_path / "nowhere"), str(tmp_path / "o"), "--debug"],
+    proc = subprocess.run([sys.executable, "-m", "pretrain.interop.export", str(tmp_path / "nowhere"), str(tmp_path / "o"), "--debug"],
                           env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "CheckpointError" in proc.stderr
     proc = _train(tmp_path, "trainer.seq_length=0", run_dir=tmp_path / "r")

@@ -100,10 +100,10 @@ def _command(command: str, run: Path, tmp: Path, source: str):
         extra = ["trainer.precision=bf16", "parallel.zero_stage=1"] if source == "bf16" else []
         return _train(run, "trainer.max_steps=6", *extra)
     if command == "export":
-        return _python(["-m", "pretrain.export", str(run), str(tmp / "hf")], tmp)
+        return _python(["-m", "pretrain.interop.export", str(run), str(tmp / "hf")], tmp)
     if command == "generate":
-        return _python(["-m", "pretrain.generate", str(run), "--prompt-ids", "1,2", "--max-new-tokens", "2"], tmp)
-    return _python(["-m", "pretrain.reshard", str(run)], tmp)
+        return _python(["-m", "pretrain.interop.generate", str(run), "--prompt-ids", "1,2", "--max-new-tokens", "2"], tmp)
+    return _python(["-m", "pretrain.checkpoint.reshard", str(run)], tmp)
 
 
 def test_the_payload_would_run_without_the_safe_loader(runs, tmp_path):
@@ -149,26 +149,26 @@ def test_a_damaged_newest_checkpoint_falls_back_or_is_refused(runs, tmp_path, da
     shutil.copytree(runs / "bf16", run)
     damage(run / "checkpoints" / NEWEST / "mp_rank_00_model_states.pt")
 
-    export = _python(["-m", "pretrain.export", str(run), str(tmp_path / "hf")], tmp_path)
+    export = _python(["-m", "pretrain.interop.export", str(run), str(tmp_path / "hf")], tmp_path)
     assert export.returncode == 0, export.stderr[-3000:]
     assert f"checkpoint {run / 'checkpoints' / NEWEST} is damaged" in export.stderr
     assert "mp_rank_00_model_states.pt" in export.stderr and f"using {run / 'checkpoints' / PREVIOUS}" in export.stderr
     # The export holds the step-2 weights, bit for bit.
     from safetensors.torch import load_file
-    from pretrain.export import consolidate
+    from pretrain.interop.export import consolidate
 
     exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
     previous = consolidate(run / "checkpoints", PREVIOUS)
     assert torch.equal(exported["transformer.wte.weight"], previous["embed.word.weight"])
 
-    reshard = _python(["-m", "pretrain.reshard", str(run)], tmp_path)
+    reshard = _python(["-m", "pretrain.checkpoint.reshard", str(run)], tmp_path)
     assert reshard.returncode == 0 and f"{PREVIOUS}/universal" in reshard.stdout, reshard.stderr[-3000:]
-    generate = _python(["-m", "pretrain.generate", str(run), "--prompt-ids", "1,2", "--max-new-tokens", "2"], tmp_path)
+    generate = _python(["-m", "pretrain.interop.generate", str(run), "--prompt-ids", "1,2", "--max-new-tokens", "2"], tmp_path)
     assert generate.returncode == 0 and "is damaged" in generate.stderr, generate.stderr[-3000:]
 
-    for args in (["-m", "pretrain.export", str(run / "checkpoints" / NEWEST), str(tmp_path / "hf2")],
-                 ["-m", "pretrain.reshard", str(run), "--tag", NEWEST],
-                 ["-m", "pretrain.generate", str(run / "checkpoints" / NEWEST), "--prompt-ids", "1"]):
+    for args in (["-m", "pretrain.interop.export", str(run / "checkpoints" / NEWEST), str(tmp_path / "hf2")],
+                 ["-m", "pretrain.checkpoint.reshard", str(run), "--tag", NEWEST],
+                 ["-m", "pretrain.interop.generate", str(run / "checkpoints" / NEWEST), "--prompt-ids", "1"]):
         named = _python(args, tmp_path)
         assert named.returncode == 2, (args, named.stderr[-3000:])
         assert "mp_rank_00_model_states.pt" in named.stderr and "Traceback" not in named.stderr, named.stderr[-3000:]
@@ -178,12 +178,12 @@ def test_a_damaged_newest_checkpoint_falls_back_or_is_refused(runs, tmp_path, da
 def test_a_damaged_universal_folder_is_converted_again(runs, tmp_path):
     run = tmp_path / "bf16"
     shutil.copytree(runs / "bf16", run)
-    first = _python(["-m", "pretrain.reshard", str(run)], tmp_path)
+    first = _python(["-m", "pretrain.checkpoint.reshard", str(run)], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     universal = run / "checkpoints" / NEWEST / "universal"
     good = (universal / "fp32.safetensors").read_bytes()
     _flip(universal / "fp32.safetensors")
-    again = _python(["-m", "pretrain.reshard", str(run)], tmp_path)
+    again = _python(["-m", "pretrain.checkpoint.reshard", str(run)], tmp_path)
     assert again.returncode == 0 and "is damaged" in again.stderr, again.stderr[-3000:]
     assert (universal / "fp32.safetensors").read_bytes() == good
 

@@ -10,10 +10,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 
 from harness import REPO, child_env
-from pretrain import distributed
+from pretrain.engine import groups as distributed
 from pretrain.config import register_configs
 from pretrain.model.layers import ffn_hidden_size
-from pretrain.trainer import Trainer
+from pretrain.train.trainer import Trainer
 from pretrain.validate import ConfigError, validate
 
 register_configs()

@@ -144,7 +144,7 @@ def _model_cfg(name: str):
 def test_init_from_refuses_a_model_that_does_not_fit(tmp_path):
     from omegaconf import OmegaConf
 
-    from pretrain.import_hf import HFImportError, check_compatible, from_hf
+    from pretrain.interop.import_hf import HFImportError, check_compatible, from_hf
 
     imported, _ = from_hf(_save_transformers_models(tmp_path)["llama"])
     configured = _model_cfg("tiny-llama")
@@ -156,7 +156,7 @@ def test_init_from_refuses_a_model_that_does_not_fit(tmp_path):
 def test_export_refuses_a_tokenizer_larger_than_the_model(tmp_path):
     from tokenizers import Tokenizer, models
 
-    from pretrain.export import ExportError, save_tokenizer
+    from pretrain.interop.export import ExportError, save_tokenizer
 
     vocab = {f"t{i}": i for i in range(600)}
     vocab["<|endoftext|>"] = 600
@@ -177,7 +177,7 @@ def test_generation_with_and_without_cache_and_transformers_agree(work):
 def test_unsupported_settings_are_refused_by_name():
     from omegaconf import OmegaConf
 
-    from pretrain.export import ExportError, _family
+    from pretrain.interop.export import ExportError, _family
 
     base = _model_cfg("tiny-llama")
     cases = {
@@ -205,7 +205,9 @@ def check(work: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    from pretrain import export, generate, import_hf
+    from pretrain.interop import export
+    from pretrain.interop import generate
+    from pretrain.interop import import_hf
 
     torch.manual_seed(0)
     results = {"logits": {}, "vs_single": {}, "round_trip": {}, "generate": {}, "bf16_masters_not_bf16": {}}

@@ -1,4 +1,4 @@
-"""The generate command line, ``python -m pretrain.generate RUN_DIR --prompt ... | --prompt-ids ...``,
+"""The generate command line, ``python -m pretrain.interop.generate RUN_DIR --prompt ... | --prompt-ids ...``,
 on two tiny trained runs: a synthetic-data LLaMA-style run (no tokenizer: ``--prompt-ids``) and a
 GPT-style run on ``data=tiny`` (a tokenizer: ``--prompt`` text).
 
@@ -46,7 +46,7 @@ CASES = {
 
 
 def _cli_args(run_dir: Path, ids, sampling, extra) -> list:
-    args = [sys.executable, "-m", "pretrain.generate", str(run_dir), "--max-new-tokens", str(NEW), *extra]
+    args = [sys.executable, "-m", "pretrain.interop.generate", str(run_dir), "--max-new-tokens", str(NEW), *extra]
     args += ["--prompt", TEXT] if ids is None else ["--prompt-ids", ",".join(map(str, ids))]
     for key, value in (sampling or {}).items():
         args += [f"--{key.replace('_', '-')}", str(value)]
@@ -125,7 +125,7 @@ def test_text_prompt_without_a_tokenizer_is_refused_naming_prompt_ids(work):
 def reference(work: Path) -> None:
     import torch
 
-    from pretrain import generate
+    from pretrain.interop import generate
 
     loaded = {run: generate.load(str(work / "runs" / run)) for run in RUNS}
     results = {}

@@ -210,7 +210,7 @@ def test_bad_cluster_input_exits_2_naming_the_key(args, fragment, capsys, monkey
 def test_an_unknown_key_in_a_cluster_file_names_the_file_and_the_key(tmp_path, capsys, monkeypatch):
     (tmp_path / "cluster").mkdir()
     (tmp_path / "cluster" / "mine.yaml").write_text("name: mine\nprocs_per_node: 2\nnode: 2\n")
-    monkeypatch.setattr(launch, "CONF", tmp_path)
+    monkeypatch.setattr(launch.cluster, "CONF", tmp_path)  # the module that reads it
     with pytest.raises(launch.ClusterError, match=r"mine\.yaml: cluster\.node is not a cluster setting; valid keys"):
         launch.load_cluster("mine", [])
 

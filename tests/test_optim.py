@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pretrain.config import OptimConfig
-from pretrain.optim import batch_size_at, lr_at, param_groups
+from pretrain.train.optim import batch_size_at, lr_at, param_groups
 
 
 def cfg(**kw):

@@ -95,7 +95,7 @@ def weights(results):
 
     def get(name: str) -> dict:
         if name not in _weights:
-            from pretrain import export
+            from pretrain.interop import export
 
             results(1)
             _, ckpt_dir, tag = export.locate(str(_workdirs[1] / name))

@@ -121,12 +121,12 @@ def test_the_command_line_converts_a_run_once(runs):
 
     root, _ = runs
     run = _ckpt(root, "llama-tp2_pp2")  # its 'latest' is the final step 6
-    cmd = [sys.executable, "-m", "pretrain.reshard", str(run)]
+    cmd = [sys.executable, "-m", "pretrain.checkpoint.reshard", str(run)]
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((run / "step00000006" / "universal" / "meta.json").read_text())
     assert meta["layout"]["tensor"] == 2 and meta["layout"]["pipeline"] == 2 and meta["train_state"]["step"] == 6
-    proc = subprocess.run([sys.executable, "-m", "pretrain.reshard", str(root)], env=child_env(),
+    proc = subprocess.run([sys.executable, "-m", "pretrain.checkpoint.reshard", str(root)], env=child_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "no checkpoints here" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -135,7 +135,7 @@ def test_adam_step_goes_where_the_optimizer_keeps_it():
     """torch keeps Adam's step per parameter state; apex's FusedAdam (the GPU default) per group."""
     import torch
 
-    from pretrain.reshard import _group_step, _set_step
+    from pretrain.checkpoint.reshard import _group_step, _set_step
 
     p = torch.nn.Parameter(torch.zeros(3))
     torch_adam = torch.optim.AdamW([p])

@@ -159,7 +159,7 @@ def test_no_file_of_a_training_run_holds_the_secret(secret_run):
 
 def test_the_written_config_loads_back_with_the_same_model(secret_run):
     run, env = secret_run
-    from pretrain import export
+    from pretrain.interop import export
 
     cfg, ckpt_dir, tag = export.locate(str(run))
     expected = launch.compose_training(["data=synthetic", "model=tiny-gpt", "model.num_layers=2", "model.hidden_size=64"])
@@ -168,7 +168,7 @@ def test_the_written_config_loads_back_with_the_same_model(secret_run):
     assert model.pop("vocab_size") == 512  # filled in from the tokenizer by the trainer
     reference = {k: v for k, v in OmegaConf.to_container(expected.model).items() if k not in ("reference_params", "vocab_size")}
     assert model == reference and tag == "step00000002"
-    proc = subprocess.run([sys.executable, "-m", "pretrain.generate", str(run), "--prompt-ids", "1,2,3",
+    proc = subprocess.run([sys.executable, "-m", "pretrain.interop.generate", str(run), "--prompt-ids", "1,2,3",
                            "--max-new-tokens", "2"], env={**os.environ, **env, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

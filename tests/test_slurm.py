@@ -221,7 +221,7 @@ def test_scancel_makes_the_ranks_save_an_intact_checkpoint(slurm, tmp_path):
 
 def test_hydra_sweep_runs_each_point_as_a_slurm_job_whose_tasks_are_the_ranks(slurm, tmp_path):
     """`-m hydra/launcher=slurm`: a model-size sweep, one Slurm job per point, 2 srun tasks as dp2 ranks
-    (no torchrun: pretrain.distributed takes rank and world size from Slurm)."""
+    (no torchrun: pretrain.engine.groups takes rank and world size from Slurm)."""
     sweep = tmp_path / "sweep"
     train = [arg for arg in TRAIN if not arg.startswith("model=")]
     proc = subprocess.run(

@@ -21,15 +21,16 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from pretrain import compat, distributed
+from pretrain import compat
+from pretrain.engine import groups as distributed
 from pretrain.config import CONF_DIR, ModelConfig, register_configs
 from pretrain.errors import UserError, composing, user_errors
-from pretrain.engine import TrainEngine, deepspeed_config
+from pretrain.engine.core import TrainEngine, deepspeed_config
 from pretrain.flops import measured_matmul_flops, model_flops_per_token
 from pretrain.model.gpt import build_model, padded_vocab_size
 from pretrain.model.init import apply_init
 from pretrain.model.layers import ffn_hidden_size, head_dim
-from pretrain.optim import build_optimizer
+from pretrain.train.optim import build_optimizer
 from pretrain.synthetic import SyntheticDataset
 from pretrain.validate import grad_accum_steps, validate
 

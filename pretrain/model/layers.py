@@ -111,7 +111,7 @@ class Attention(nn.Module):
         self.cfg = cfg
         self.window = _window_for_layer(cfg, layer_index)
         self.layer_index = layer_index
-        self.kv_cache = None  # set for incremental decoding (pretrain.generate); training never uses it
+        self.kv_cache = None  # set for incremental decoding (pretrain.interop.generate); training never uses it
         self.qkv = tensor_parallel.ColumnParallelLinear(
             cfg.hidden_size,
             kv_heads * (self.group + 2) * self.head_dim,

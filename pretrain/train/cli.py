@@ -34,7 +34,7 @@ def _main(cfg: DictConfig) -> None:
 
     quiet_third_party(cfg.logging.verbose)
     compat.select_cpu_accelerator()
-    from pretrain.trainer import Trainer  # megatron-core and DeepSpeed: seconds to import
+    from pretrain.train.trainer import Trainer  # megatron-core and DeepSpeed: seconds to import
 
     quiet_third_party(cfg.logging.verbose)  # again: DeepSpeed's logger came with its own handler
     Trainer(cfg, HydraConfig.get().runtime.output_dir).run()

@@ -1,6 +1,6 @@
 """Export a pretrain checkpoint to a Hugging Face transformers model folder.
 
-    python -m pretrain.export CKPT_DIR OUT_DIR [--tag stepXXXXXXXX] [--config RUN/config.yaml]
+    python -m pretrain.interop.export CKPT_DIR OUT_DIR [--tag stepXXXXXXXX] [--config RUN/config.yaml]
 
 CKPT_DIR is a run directory, its ``checkpoints`` folder, or one tag folder inside it. The
 checkpoint may come from any layout (tp, pp, dp, ZeRO 0-3, fp32 or bf16): ``consolidate`` reads
@@ -22,9 +22,9 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pretrain import manifest
+from pretrain.checkpoint import manifest
 from pretrain.errors import UserError, user_errors
-from pretrain.reshard import SavedCheckpoint, malformed
+from pretrain.checkpoint.reshard import SavedCheckpoint, malformed
 
 
 class ExportError(UserError):
@@ -216,7 +216,7 @@ def export(ckpt: str, out_dir: str, tag: Optional[str] = None, config: Optional[
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pretrain.interop.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="run dir, its checkpoints dir, or a tag dir")
     parser.add_argument("out_dir")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest intact one)")

@@ -1,6 +1,6 @@
 """Resume a checkpoint at another parallel layout, optimizer state included.
 
-    python -m pretrain.reshard CKPT_DIR [--tag stepXXXXXXXX]
+    python -m pretrain.checkpoint.reshard CKPT_DIR [--tag stepXXXXXXXX]
 
 DeepSpeed's checkpoint files hold each rank's piece of the training state in that layout's terms:
 TP slices, pipeline stages, ZeRO partitions of flat fp32 buffers. A checkpoint also records, for
@@ -36,7 +36,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import nn
 
-from pretrain import manifest, safeload
+from pretrain.checkpoint import manifest
+from pretrain.checkpoint import safeload
 from pretrain.errors import CheckpointError
 
 STATES = ("fp32", "exp_avg", "exp_avg_sq")
@@ -481,7 +482,7 @@ def load_universal(engine, source: Path) -> dict:
 def main(argv=None) -> None:
     from pretrain.errors import user_errors
 
-    parser = argparse.ArgumentParser(prog="python -m pretrain.reshard", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pretrain.checkpoint.reshard", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="run dir, its checkpoints dir, or a tag dir")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the newest intact one)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")

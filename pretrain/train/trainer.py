@@ -11,16 +11,20 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from pretrain import checkpoint, compat, distributed, faults, manifest
-from pretrain.checkpoint import TrainState
+from pretrain import compat
+from pretrain.checkpoint import store as checkpoint
+from pretrain.engine import groups as distributed
+from pretrain.train import faults
+from pretrain.checkpoint import manifest
+from pretrain.checkpoint.store import TrainState
 from pretrain.errors import CheckpointError, UserError
-from pretrain.engine import Batch, TrainEngine, apply_sequence_parallel_grad_sync, deepspeed_config
-from pretrain.callbacks import Callbacks, build_callbacks
+from pretrain.engine.core import Batch, TrainEngine, apply_sequence_parallel_grad_sync, deepspeed_config
+from pretrain.train.callbacks import Callbacks, build_callbacks
 from pretrain.flops import model_flops_per_token, peak_flops
-from pretrain.gns import NoiseScale
+from pretrain.train.gns import NoiseScale
 from pretrain.model.gpt import apply_activation_checkpointing, build_model, padded_vocab_size
 from pretrain.model.init import apply_init
-from pretrain.optim import batch_size_at, build_optimizer, lr_at
+from pretrain.train.optim import batch_size_at, build_optimizer, lr_at
 from pretrain.validate import ConfigError, grad_accum_steps, planned_tokens, validate
 
 log = logging.getLogger(__name__)
@@ -126,7 +130,7 @@ class Trainer:
         model = build_model(cfg.model, cfg.parallel, distributed.topology(cfg.parallel))
         apply_init(model, cfg.model, tr.seed)
         if cfg.model.init_from:
-            from pretrain.import_hf import apply_init_from
+            from pretrain.interop.import_hf import apply_init_from
 
             apply_init_from(model, cfg.model, cfg.model.init_from)
         apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, cfg.parallel.checkpoint_every)

@@ -21,10 +21,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import nn
 
-from pretrain import compat, safeload
+from pretrain import compat
+from pretrain.checkpoint import safeload
 from pretrain.config import OptimConfig, ParallelConfig, TrainerConfig
-from pretrain.distributed import MegatronMPU
-from pretrain.reshard import describe, model_shapes
+from pretrain.engine.groups import MegatronMPU
+from pretrain.checkpoint.reshard import describe, model_shapes
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # tokens [b, s], labels [b, s]
 

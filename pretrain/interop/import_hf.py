@@ -1,6 +1,6 @@
 """Start from a Hugging Face transformers checkpoint (GPT2LMHeadModel or LlamaForCausalLM).
 
-    python -m pretrain.import_hf HF_DIR [--name NAME] > pretrain/conf/model/NAME.yaml
+    python -m pretrain.interop.import_hf HF_DIR [--name NAME] > pretrain/conf/model/NAME.yaml
     python -m pretrain.train model=NAME model.init_from=HF_DIR ...
 
 ``from_hf`` turns a transformers folder into a model config and canonical full tensors (the
@@ -211,7 +211,7 @@ def apply_init_from(model, model_cfg, path: str) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.import_hf", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pretrain.interop.import_hf", description=__doc__.split("\n\n")[0])
     parser.add_argument("hf_dir")
     parser.add_argument("--name", default=None, help="model name in the printed config")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")

@@ -1,10 +1,10 @@
 """Text generation from a pretrain checkpoint or a transformers folder, with a KV cache.
 
-    python -m pretrain.generate CKPT_OR_HF_DIR --prompt "Once upon" [--max-new-tokens 50]
+    python -m pretrain.interop.generate CKPT_OR_HF_DIR --prompt "Once upon" [--max-new-tokens 50]
         [--temperature 0 (greedy) | 0.8] [--top-k 40] [--top-p 0.95] [--seed 0] [--no-cache]
 
 The model runs in this one process (tp = pp = 1) whatever layout trained it: the checkpoint is
-consolidated (pretrain.export) or converted from transformers (pretrain.import_hf) into canonical
+consolidated (pretrain.interop.export) or converted from transformers (pretrain.interop.import_hf) into canonical
 full tensors first. Sampling is seeded, so the same command prints the same text.
 """
 
@@ -52,7 +52,7 @@ def init_single_process() -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from pretrain import distributed
+    from pretrain.engine import groups as distributed
     from pretrain.config import ParallelConfig
 
     if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
@@ -85,7 +85,8 @@ def build_inference_model(model_cfg, canonical: dict[str, torch.Tensor]) -> nn.M
 
 def load(path: str):
     """(model config, model, tokenizer or None) from a pretrain checkpoint or a transformers folder."""
-    from pretrain import export, import_hf
+    from pretrain.interop import export
+    from pretrain.interop import import_hf
 
     p = Path(path)
     if (p / "config.json").is_file():
@@ -163,7 +164,7 @@ def generate(
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.generate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pretrain.interop.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="pretrain run/checkpoint dir or transformers folder")
     parser.add_argument("--prompt", default="", help="text (needs a tokenizer)")
     parser.add_argument("--prompt-ids", default=None, help="comma-separated token ids instead of text")

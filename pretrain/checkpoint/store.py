@@ -31,10 +31,11 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-from pretrain import reshard, safeload
-from pretrain.engine import TrainEngine
+from pretrain.checkpoint import reshard
+from pretrain.checkpoint import safeload
+from pretrain.engine.core import TrainEngine
 from pretrain.errors import CheckpointError
-from pretrain.manifest import MANIFEST, checkpoints, compare, hashes, read_expected
+from pretrain.checkpoint.manifest import MANIFEST, checkpoints, compare, hashes, read_expected
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,5 @@
+import sys
+
+from pretrain.launch.slurm import main
+
+sys.exit(main())

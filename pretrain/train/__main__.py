@@ -1,0 +1,3 @@
+from pretrain.train.cli import main
+
+main()
