@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from pretrain import compat
+from pretrain.engine import compat
 from pretrain.engine import groups as distributed
 from pretrain.config import CONF_DIR, ModelConfig, register_configs
 from pretrain.errors import UserError, composing, user_errors

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import nn
 
-from pretrain import compat
+from pretrain.engine import compat
 from pretrain.checkpoint import safeload
 from pretrain.config import OptimConfig, ParallelConfig, TrainerConfig
 from pretrain.engine.groups import MegatronMPU

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state
 
-from pretrain import compat
+from pretrain.engine import compat
 from pretrain.environment import adopt_slurm_tasks, world_size_from_env  # noqa: F401 (re-exported)
 from pretrain.config import ParallelConfig
 

@@ -17,7 +17,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
-from pretrain import compat
+from pretrain.engine import compat
 from pretrain.config import ModelConfig, ParallelConfig
 from pretrain.model.layers import (
     Block,

@@ -11,33 +11,11 @@ import math
 import zlib
 
 import torch
-from megatron.core import parallel_state
 from torch import nn
 
 from pretrain.config import ModelConfig
 from pretrain.model.gpt import canonical_parameters
-
-
-def full_shape(p: nn.Parameter) -> list[int]:
-    """Unsharded shape of p (also under ZeRO-3, where p itself is partitioned away)."""
-    shape = list(getattr(p, "ds_shape", p.shape))
-    if getattr(p, "tensor_model_parallel", False):
-        shape[p.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
-    return shape
-
-
-def shard(full: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
-    """This TP rank's slice of a full tensor for parameter p.
-
-    With partition_stride k the full tensor is k stacked parts (SwiGLU's [gate; up]) and the rank
-    takes its chunk of each.
-    """
-    if not getattr(p, "tensor_model_parallel", False):
-        return full
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    parts = full.chunk(getattr(p, "partition_stride", 1), dim=p.partition_dim)
-    return torch.cat([part.chunk(tp, dim=p.partition_dim)[rank] for part in parts], dim=p.partition_dim)
+from pretrain.model.weights import full_shape, shard
 
 
 def init_full_tensor(name: str, p: nn.Parameter, cfg: ModelConfig, seed: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ def _main(cfg: DictConfig) -> None:
         from pretrain.data import validate_data_config
 
         validate_data_config(cfg.data)
-    from pretrain import compat
+    from pretrain.engine import compat
     from pretrain.console import quiet_third_party
 
     quiet_third_party(cfg.logging.verbose)

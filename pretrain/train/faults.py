@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from pretrain import compat
+from pretrain.engine import compat
 
 log = logging.getLogger(__name__)
 

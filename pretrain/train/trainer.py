@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from pretrain import compat
+from pretrain.engine import compat
 from pretrain.checkpoint import store as checkpoint
 from pretrain.engine import groups as distributed
 from pretrain.train import faults
