@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -22,8 +22,28 @@ from pretrain.data.config import DataConfig
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
+class ReadOnlyError(AttributeError):
+    """A write to the run config: derive a new value instead (``dataclasses.replace``)."""
+
+
+class Sealable:
+    """A schema section that ``seal`` makes read-only. Hydra composes and overrides it before then."""
+
+    def __setattr__(self, name, value):
+        if self.__dict__.get("_sealed"):
+            raise ReadOnlyError(f"{type(self).__name__}.{name}: the run config is read-only; "
+                                "derive a new value (dataclasses.replace) instead of writing to it")
+        object.__setattr__(self, name, value)
+
+
+def seal(section: Sealable) -> Sealable:
+    """Make a section read-only (``dataclasses.replace`` still makes modified copies)."""
+    object.__setattr__(section, "_sealed", True)
+    return section
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(Sealable):
     name: str = MISSING
     num_layers: int = MISSING
     hidden_size: int = MISSING
@@ -82,7 +102,7 @@ def ffn_hidden_size(cfg: ModelConfig) -> int:
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(Sealable):
     name: str = "single"
     tensor: int = 1
     pipeline: int = 1
@@ -98,7 +118,7 @@ class ParallelConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Sealable):
     name: str = "adamw"
     lr: float = 6.0e-4
     min_lr_ratio: float = 0.1
@@ -115,10 +135,15 @@ class OptimConfig:
     # global batch over ramp_tokens, in steps of micro_batch * dp.
     ramp_start_batch: Optional[int] = None
     ramp_tokens: int = 0
+    # Or drive the batch size by the measured critical batch (GPT-3 chose its ramp this way), between
+    # ramp_start_batch (or micro x dp) and trainer.global_batch_size, after gns_ramp_warmup estimates
+    # of the noise scale (logging.gns must be on).
+    gns_batch_ramp: bool = False
+    gns_ramp_warmup: int = 10
 
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(Sealable):
     max_steps: int = 200
     seed: int = 1234
     precision: str = "fp32"  # fp32 | bf16
@@ -133,14 +158,14 @@ class TrainerConfig:
     # Deterministic algorithms where torch offers them (parity tests).
     deterministic: bool = False
     # An update whose loss is NaN/Inf is skipped (and counted); so is one whose loss exceeds this
-    # factor x the running mean of accepted losses (0: no spike check). See pretrain/faults.py.
+    # factor x the running mean of accepted losses (0: no spike check). See pretrain/train/faults.py.
     loss_spike_factor: float = 0.0
     # Stop, with a checkpoint, after this many skipped updates in a row (0: never).
     max_consecutive_skips: int = 5
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Sealable):
     # None: <run dir>/checkpoints
     dir: Optional[str] = None
     interval: int = 0  # steps; 0 saves only at the end
@@ -153,22 +178,25 @@ class CheckpointConfig:
 
 
 @dataclass
-class LoggingConfig:
+class LoggingConfig(Sealable):
     interval: int = 1
     plot: bool = True
-    # Gradient noise scale from each DP rank's own gradient vs the all-reduced one (pretrain/gns.py).
+    # Gradient noise scale from each DP rank's own gradient vs the all-reduced one (pretrain/train/gns.py).
     # Costs one fp32 copy of each rank's gradients at pp == 1; also logs DP rank 0's grad_norm_local.
     gns: bool = True
-    # Drive the batch size by the measured critical batch (GPT-3 chose its ramp this way), between
-    # optim.ramp_start_batch (or micro x dp) and trainer.global_batch_size, after this many estimates.
-    gns_batch_ramp: bool = False
-    gns_ramp_warmup: int = 10
     # Weights & Biases: online when logged in (WANDB_API_KEY / `wandb login`), else offline in the run dir.
     wandb: bool = True
     wandb_project: str = "pretrain"
     # Third-party warnings and INFO records (megatron-core, DeepSpeed) on the terminal too; by
     # default they go to the run's train.log only (pretrain/console.py).
     verbose: bool = False
+
+
+# Keys that moved; the old name is refused with the new one (pretrain.train.cli).
+RENAMED = {
+    "logging.gns_batch_ramp": "optim.gns_batch_ramp",  # it changes training, not what is logged
+    "logging.gns_ramp_warmup": "optim.gns_ramp_warmup",
+}
 
 
 @dataclass
@@ -180,6 +208,38 @@ class Config:
     data: DataConfig = MISSING
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The composed config, typed and immutable: what every builder reads at run time.
+
+    ``typed`` converts each section once into its schema's dataclass (so the hints are true) and
+    seals it; an attempt to write to it raises. ``data`` stays a read-only OmegaConf node (the data
+    pipeline hashes it into its cache keys) and ``composed`` is the read-only original, for the run's
+    ``config.yaml`` and W&B (interpolations kept, secrets redacted). Values derived from the config and
+    the data (the vocabulary, the batch schedule) are computed objects beside it, never written here.
+    """
+
+    model: ModelConfig
+    parallel: ParallelConfig
+    optim: OptimConfig
+    trainer: TrainerConfig
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+    data: Any
+    composed: Any
+
+
+def typed(cfg) -> RunConfig:
+    """The composed DictConfig as a ``RunConfig``. Call once, after validation."""
+    from omegaconf import OmegaConf
+
+    cfg = cfg.copy()
+    OmegaConf.set_readonly(cfg, True)
+    sections = {name: seal(OmegaConf.to_object(cfg[name]))  # resolves interpolations
+                for name in ("model", "parallel", "optim", "trainer", "checkpoint", "logging")}
+    return RunConfig(**sections, data=cfg.data, composed=cfg)
 
 
 def register_configs() -> None:

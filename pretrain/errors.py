@@ -31,10 +31,14 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be trusted or read: damaged, truncated, or holding code."""
 
 
-def debugging(argv: Optional[list[str]] = None) -> bool:
-    """True when the user asked for tracebacks (``--debug`` or HYDRA_FULL_ERROR=1)."""
-    argv = sys.argv[1:] if argv is None else argv
-    return os.environ.get(DEBUG_ENV) == "1" or "--debug" in argv
+def debugging(argv: Optional[list[str]] = None, debug: Optional[bool] = None) -> bool:
+    """True when the user asked for tracebacks: HYDRA_FULL_ERROR=1, or else ``debug`` (a parsed
+    ``--debug`` flag) when given, or else ``--debug`` in ``argv`` (default: sys.argv)."""
+    if os.environ.get(DEBUG_ENV) == "1":
+        return True
+    if debug is not None:
+        return debug
+    return "--debug" in (sys.argv[1:] if argv is None else argv)
 
 
 def report(prog: str, err: BaseException) -> None:
@@ -45,12 +49,16 @@ def report(prog: str, err: BaseException) -> None:
 
 
 @contextlib.contextmanager
-def user_errors(prog: str, argv: Optional[list[str]] = None) -> Iterator[None]:
-    """Turn a UserError raised inside into exit code 2 and a one-paragraph message."""
+def user_errors(prog: str, argv: Optional[list[str]] = None, *, debug: Optional[bool] = None) -> Iterator[None]:
+    """Turn a UserError raised inside into exit code 2 and a one-paragraph message.
+
+    An entry point that parses its own ``--debug`` passes ``debug=args.debug``; otherwise ``--debug`` is
+    looked for in ``argv`` (default: sys.argv).
+    """
     try:
         yield
     except UserError as err:
-        if debugging(argv):
+        if debugging(argv, debug):
             raise
         report(prog, err)
         sys.exit(EXIT_USER_ERROR)

@@ -189,7 +189,9 @@ def _optim_rules(cfg: DictConfig) -> list[str]:
         problems.append(f"optim.betas={list(opt.betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
     if not opt.eps > 0:
         problems.append(f"optim.eps={opt.eps} must be > 0")
-    _at_least(problems, opt, "optim", ("weight_decay", "grad_clip", "warmup_tokens", "ramp_tokens"), 0)
+    _at_least(problems, opt, "optim", ("weight_decay", "grad_clip", "warmup_tokens", "ramp_tokens", "gns_ramp_warmup"), 0)
+    if opt.gns_batch_ramp and not cfg.logging.gns:
+        problems.append("optim.gns_batch_ramp=true needs the noise scale it follows: set logging.gns=true")
     if opt.decay_tokens is not None and opt.decay_tokens < 1:
         problems.append(f"optim.decay_tokens={opt.decay_tokens} must be >= 1 (or null: the whole run)")
     if opt.decay_tokens is not None and 0 < opt.decay_tokens <= opt.warmup_tokens:
@@ -209,26 +211,9 @@ def _run_rules(cfg: DictConfig) -> list[str]:
     _at_least(problems, ck, "checkpoint", ("interval", "keep_last"), 0)
     _at_least(problems, ck, "checkpoint", ("stop_after",), 1)
     _at_least(problems, lg, "logging", ("interval",), 1)
-    _at_least(problems, lg, "logging", ("gns_ramp_warmup",), 0)
     if ck.resume not in ("auto", "never") and not Path(ck.resume).is_dir():
         problems.append(
             f"checkpoint.resume={ck.resume!r} is neither auto, never nor an existing directory: use auto (the newest "
             "checkpoint in checkpoint.dir), never, or the path of a run, checkpoints or step folder"
         )
     return problems
-
-
-def planned_tokens(cfg: DictConfig) -> int:
-    """Tokens the whole run will consume, following the batch ramp."""
-    from pretrain.train.optim import batch_size_at
-
-    tr = cfg.trainer
-    tokens, increment = 0, tr.micro_batch_size * cfg.parallel.data
-    for _ in range(tr.max_steps):
-        tokens += batch_size_at(tokens, cfg.optim, tr.global_batch_size, increment) * tr.seq_length
-    return tokens
-
-
-def grad_accum_steps(cfg: DictConfig) -> int:
-    tr = cfg.trainer
-    return tr.grad_accum_steps or tr.global_batch_size // (tr.micro_batch_size * cfg.parallel.data)

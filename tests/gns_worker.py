@@ -17,9 +17,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from pretrain.engine import groups as distributed
-from pretrain.config import register_configs
+from pretrain.config import register_configs, typed
 from pretrain.train.gns import per_step_estimates
-from pretrain.train.trainer import Trainer
+from pretrain.train.build import build_run
 from pretrain.validate import validate
 
 CONF = str(Path(__file__).resolve().parents[1] / "pretrain" / "conf")
@@ -31,14 +31,12 @@ def main(out: str, dp: str, micro: str, *overrides: str) -> None:
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("config", overrides=list(overrides))
     validate(cfg, 1)
-    distributed.init_distributed(cfg.parallel)
-    trainer = Trainer(cfg, Path(out).parent / "gns-reference")
-    trainer._setup()
-    model = trainer.engine.module
+    run = build_run(typed(cfg), Path(out).parent / "gns-reference", logging_on=False)
+    model = run.engine.module
     batch = cfg.trainer.global_batch_size
     grads = []
     for i in range(batch):
-        sample = trainer.train_data[i]
+        sample = run.train_data[i]
         model.zero_grad(set_to_none=True)
         model(sample["tokens"][None], sample["labels"][None]).backward()
         grads.append(torch.cat([p.grad.double().flatten() for p in model.parameters() if p.grad is not None]))

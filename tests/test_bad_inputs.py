@@ -119,11 +119,15 @@ def test_resume_a_checkpoint_of_another_model(run, tmp_path):
     _assert_user_error(proc.returncode, proc.stderr, "does not fit the configured model", "has shape")
 
 
+MODULES = {"export": "interop.export", "generate": "interop.generate", "import_hf": "interop.import_hf",
+           "reshard": "checkpoint.reshard"}
+
+
 def _main(module: str, argv: list[str], capsys):
     """(exit code, stderr) of ``python -m pretrain.<module> ARGV``, run in this process."""
     import importlib
 
-    main = importlib.import_module(f"pretrain.{module}").main
+    main = importlib.import_module(f"pretrain.{MODULES[module]}").main
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     return exit_.value.code, capsys.readouterr().err

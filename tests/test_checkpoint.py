@@ -61,7 +61,7 @@ def test_checkpoints_are_committed_with_a_manifest(reference):
 
 
 def test_crash_during_a_save_leaves_the_previous_checkpoint_loadable(reference, tmp_path):
-    proc = _run(tmp_path, "run", check=False, env={"PRETRAIN_TEST_CRASH_IN_SAVE": "4"})
+    proc = _run(tmp_path, "run", check=False, env={"PRETRAIN_TEST_FAULTS": "crash_in_save=4"})
     assert proc.returncode == 86, proc.stderr[-3000:]
     ckpts = tmp_path / "run" / "checkpoints"
     assert (ckpts / "latest").read_text() == "step00000002"

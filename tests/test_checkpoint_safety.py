@@ -189,7 +189,7 @@ def test_a_damaged_universal_folder_is_converted_again(runs, tmp_path):
 
 
 def test_nothing_outside_safeload_unpickles():
-    """Every load of checkpoint content goes through pretrain/safeload.py (a static check of the sources)."""
+    """Every load of checkpoint content goes through pretrain/checkpoint/safeload.py (a static check of the sources)."""
     import re
 
     from harness import REPO
@@ -198,4 +198,4 @@ def test_nothing_outside_safeload_unpickles():
     found = [f"{path.relative_to(REPO)}:{n}" for folder in ("pretrain", "kernels") for path in (REPO / folder).rglob("*.py")
              if path.name != "safeload.py" for n, line in enumerate(path.read_text().splitlines(), 1) if unsafe.search(line)]
     assert not found, found
-    assert "weights_only=True" in (REPO / "pretrain" / "safeload.py").read_text()
+    assert "weights_only=True" in (REPO / "pretrain" / "checkpoint" / "safeload.py").read_text()

@@ -120,7 +120,7 @@ def _assert_stopped_with_checkpoint(run: Path, after: int, log: str) -> int:
 
 # Slow steps (a planted sleep after each) so that a signal lands mid-run; a run the signal fails to
 # stop ends by itself after 150 steps (~30 s) and fails the exit-code check.
-SLOW = {"PRETRAIN_TEST_STEP_DELAY": "0.2"}
+SLOW = {"PRETRAIN_TEST_FAULTS": "step_delay=0.2"}
 
 
 def test_usr1_and_sigterm_finish_the_step_save_and_exit_75_and_the_next_launch_resumes(tmp_path, jobs):
@@ -175,7 +175,7 @@ def test_nan_losses_skip_the_update_and_too_many_in_a_row_stop_with_state_saved(
     proc = _run(tmp_path, 1, TINY + [
         "trainer.max_steps=20", "checkpoint.interval=1", "checkpoint.keep_last=0",
         "trainer.max_consecutive_skips=3", f"hydra.run.dir={run}",
-    ], env={"PRETRAIN_TEST_NAN_STEPS": "3,5,6,7"})
+    ], env={"PRETRAIN_TEST_FAULTS": "nan_steps=3,5,6,7"})
     assert proc.returncode == 65, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "3 updates in a row were skipped" in out
@@ -253,7 +253,7 @@ def test_a_hung_rank_fails_the_job_after_the_collective_timeout(tmp_path):
     its allocation for the 30-minute default."""
     start = time.monotonic()
     proc = _run(tmp_path, 2, TINY + ["parallel=dp2", "trainer.max_steps=5", "parallel.timeout_minutes=0.1"],
-                env={"PRETRAIN_TEST_STEP_DELAY": "600@1"}, timeout=240,
+                env={"PRETRAIN_TEST_FAULTS": "step_delay=600@1"}, timeout=240,
                 launcher=("--shutdown-timeout=5",))  # torchrun's grace before it SIGKILLs the hung rank
     assert proc.returncode != 0
     assert "timed out" in (proc.stdout + proc.stderr).lower(), proc.stderr[-3000:]

@@ -116,8 +116,8 @@ def test_batch_ramp_follows_the_measured_critical_batch(tmp_path):
     micro x dp and kept within [ramp_start_batch, global_batch_size]."""
     run_dir = tmp_path / "run"
     run_train(FAST + ["data=synthetic", "trainer.max_steps=8", "trainer.seq_length=16", "trainer.micro_batch_size=16",
-                      "trainer.global_batch_size=1024", "optim.ramp_start_batch=16", "logging.gns_batch_ramp=true",
-                      "logging.gns_ramp_warmup=2", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+                      "trainer.global_batch_size=1024", "optim.ramp_start_batch=16", "optim.gns_batch_ramp=true",
+                      "optim.gns_ramp_warmup=2", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     records = read_metrics(run_dir)
     critical, updates = None, 0
     for r in records:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pretrain.config import OptimConfig
-from pretrain.train.optim import batch_size_at, lr_at, param_groups
+from pretrain.train.optim import param_groups
+from pretrain.train.schedule import batch_size_at, lr_at
 
 
 def cfg(**kw):

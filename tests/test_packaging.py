@@ -255,3 +255,7 @@ def test_a_built_wheel_trains_from_an_unrelated_directory(tmp_path):
     help_text = subprocess.run([str(venv / "bin" / "pretrain-data"), "--help"], cwd=elsewhere, env=env,
                                capture_output=True, text=True, timeout=120)
     assert help_text.returncode == 0 and "data: builtin" in help_text.stdout, help_text.stdout[-2000:]
+    for script in ("pretrain-export", "pretrain-reshard", "pretrain-generate", "pretrain-import-hf"):
+        shown = subprocess.run([str(venv / "bin" / script), "--help"], cwd=elsewhere, env=env, capture_output=True,
+                               text=True, timeout=120)
+        assert shown.returncode == 0 and "usage:" in shown.stdout, (script, shown.stderr[-2000:])

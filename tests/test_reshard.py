@@ -135,7 +135,8 @@ def test_adam_step_goes_where_the_optimizer_keeps_it():
     """torch keeps Adam's step per parameter state; apex's FusedAdam (the GPU default) per group."""
     import torch
 
-    from pretrain.checkpoint.reshard import _group_step, _set_step
+    from pretrain.checkpoint.saved import _group_step
+    from pretrain.engine.full_state import _set_step
 
     p = torch.nn.Parameter(torch.zeros(3))
     torch_adam = torch.optim.AdamW([p])

@@ -177,7 +177,7 @@ def test_sbatch_job_completes_and_trains(completed):
 
 def test_usr1_before_the_time_limit_checkpoints_requeues_and_resumes_to_the_same_losses(slurm, completed, tmp_path):
     # Half a second per step: the signal lands mid-run however fast the machine is.
-    job = _submit(slurm, tmp_path, "requeue", f"trainer.max_steps={STEPS}", env={"PRETRAIN_TEST_STEP_DELAY": "0.5"})
+    job = _submit(slurm, tmp_path, "requeue", f"trainer.max_steps={STEPS}", env={"PRETRAIN_TEST_FAULTS": "step_delay=0.5"})
     _wait_state(slurm, job, {"RUNNING"})
     deadline = time.monotonic() + 240
     while len(_metrics(tmp_path, "requeue", job)) < 3:

@@ -3,8 +3,9 @@
     python -m pretrain.bench.step [--steps N] [hydra overrides]
     python -m pretrain.bench.step model=tiny-llama data.tokenizer.vocab_size=8192
 
-Builds the configured model twice: this framework's (megatron-core layers under the DeepSpeed
-engine, single process) and transformers' GPT2LMHeadModel or LlamaForCausalLM of identical shape.
+Builds the configured model twice: this framework's, through the trainer's own build order (``train.build``:
+groups, model, init, activation checkpointing, the DeepSpeed engine; single process),
+and transformers' GPT2LMHeadModel or LlamaForCausalLM of identical shape.
 Steps alternate between the two (forward, backward, clip, AdamW) so machine noise hits both alike;
 prints the median tokens/s of each, their ratio, and achieved model FLOP/s against this machine's
 measured matmul FLOP/s.
@@ -14,25 +15,23 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from pretrain.engine import compat
-from pretrain.engine import groups as distributed
-from pretrain.config import CONF_DIR, ModelConfig, register_configs
+from pretrain.config import CONF_DIR, ModelConfig, register_configs, typed
+from pretrain.engine import compat, groups
 from pretrain.errors import UserError, composing, user_errors
-from pretrain.engine.core import TrainEngine, deepspeed_config
-from pretrain.flops import measured_matmul_flops, model_flops_per_token
-from pretrain.model.gpt import build_model, padded_vocab_size
-from pretrain.model.init import apply_init
+from pretrain.flops import measured_matmul_flops
+from pretrain.model.gpt import padded_vocab_size
 from pretrain.model.layers import ffn_hidden_size, head_dim
-from pretrain.train.optim import build_optimizer
-from pretrain.synthetic import SyntheticDataset
-from pretrain.validate import grad_accum_steps, validate
+from pretrain.train.build import build_run
+from pretrain.validate import validate
 
 CONF = CONF_DIR
 
@@ -70,41 +69,36 @@ def main(argv=None) -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (model=..., trainer.seq_length=...)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    with user_errors("bench.step", ["--debug"] if args.debug else []):
+    with user_errors("bench.step", debug=args.debug):
         _run(args)
 
 
 def _run(args) -> None:
     register_configs()
+    overrides = ["data=synthetic", f"trainer.max_steps={args.warmup + args.steps}", *args.overrides,
+                 # Timed as the trainer runs it, less what only a real run needs.
+                 "checkpoint.resume=never", "logging.gns=false"]
     with composing("the benchmark's overrides"), initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg: DictConfig = compose("config", overrides=["data=synthetic", *args.overrides])
+        cfg: DictConfig = compose("config", overrides=overrides)
     validate(cfg, world_size=1)
-    tr = cfg.trainer
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = cfg.data.tokenizer.vocab_size
-    vocab = padded_vocab_size(cfg.model)
+    with tempfile.TemporaryDirectory() as run_dir:
+        run = build_run(typed(cfg), Path(run_dir), logging_on=False)
+        try:
+            _compare(args, run)
+        finally:
+            groups.shutdown()
 
-    distributed.init_distributed(cfg.parallel)
-    torch.manual_seed(tr.seed)
-    compat.seed_model_parallel_rng(tr.seed)
-    model = build_model(cfg.model, cfg.parallel)
-    apply_init(model, cfg.model, tr.seed)
-    ours = TrainEngine(model, build_optimizer(model, cfg.optim), deepspeed_config(cfg.parallel, tr, cfg.optim, grad_accum_steps(cfg)), cfg.parallel)
 
-    theirs = hf_model(cfg.model, vocab).to(compat.device())
+def _compare(args, run) -> None:
+    cfg, tr = run.config, run.config.trainer
+    ours = run.engine
+    vocab = padded_vocab_size(run.model_config)
+    theirs = hf_model(run.model_config, vocab).to(compat.device())
     theirs.train()
     opt = torch.optim.AdamW(theirs.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                             weight_decay=cfg.optim.weight_decay)
 
-    data = SyntheticDataset(cfg.model.vocab_size, tr.seq_length, tr.seed, 10**9)
     per_step = tr.global_batch_size
-
-    def batch(step):
-        samples = [data[step * per_step + i] for i in range(per_step)]
-        tokens = torch.stack([s["tokens"] for s in samples]).to(compat.device())
-        labels = torch.stack([s["labels"] for s in samples]).to(compat.device())
-        return [(tokens[i:i + tr.micro_batch_size], labels[i:i + tr.micro_batch_size])
-                for i in range(0, per_step, tr.micro_batch_size)]
 
     def hf_step(micro):
         for tokens, labels in micro:
@@ -117,7 +111,7 @@ def _run(args) -> None:
 
     times = {"pretrain": [], "transformers": []}
     for step in range(args.warmup + args.steps):
-        micro = batch(step)
+        micro = run.batches(run.train_data, step * per_step, per_step)
         for name, fn in (("pretrain", ours.train_step), ("transformers", hf_step)):
             start = time.perf_counter()
             fn(micro)
@@ -128,7 +122,7 @@ def _run(args) -> None:
 
     tokens = per_step * tr.seq_length
     rate = {name: tokens / statistics.median(t) for name, t in times.items()}
-    flops_per_token = model_flops_per_token(cfg.model, tr.seq_length, vocab)
+    flops_per_token = run.flops_per_token
     peak = measured_matmul_flops(device=compat.device().type)
     n_params = sum(p.numel() for p in theirs.parameters())
     print(f"model {cfg.model.name} ({n_params / 1e6:.2f}M params), batch {per_step} x {tr.seq_length} tokens, "
@@ -139,7 +133,6 @@ def _run(args) -> None:
         print(f"{name:14}{rate[name]:12.0f}{achieved / 1e12:16.4f}{achieved / peak:16.1%}")
     print(f"ratio pretrain / transformers: {rate['pretrain'] / rate['transformers']:.3f}")
     print(f"measured matmul peak: {peak / 1e12:.4f} TFLOP/s; model FLOPs per token: {flops_per_token:,}")
-    distributed.shutdown()
 
 
 if __name__ == "__main__":

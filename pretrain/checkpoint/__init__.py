@@ -1,6 +1,7 @@
 """Checkpoints: the atomic save and the resume (``store``), the integrity manifest (``manifest``), the
-weights-only loader (``safeload``), and resharding through a layout-free universal form (``reshard``).
+weights-only loader (``safeload``), the reader of DeepSpeed's files at any layout (``saved``), and
+resharding through a layout-free universal form (``reshard``).
 
-Only ``store`` and ``reshard`` need the engine; ``manifest`` and ``safeload`` are light enough for the
-command-line tools that read checkpoints without process groups.
+``store`` and ``reshard`` drive a live engine (through its named methods); ``manifest``, ``safeload``
+and ``saved`` read files without process groups, for the command-line tools.
 """

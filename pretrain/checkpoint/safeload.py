@@ -3,7 +3,7 @@
 A ``.pt`` file is a pickle, and a pickle can name any callable (``os.system``) to be called on load.
 Every read of checkpoint content goes through ``load``: ``torch.load(weights_only=True)``, which
 rebuilds only tensors, numbers, strings and containers, plus the few plain data classes DeepSpeed's
-own files hold (``SAFE_GLOBALS``). A file needing anything else is refused, naming the file and
+own files hold (``engine.records``). A file needing anything else is refused, naming the file and
 the global, before that global is touched. DeepSpeed's loader is routed here too
 (``engine.TrainEngine`` replaces its checkpoint engine's ``load``).
 
@@ -25,17 +25,10 @@ from pretrain.errors import CheckpointError
 
 
 def _safe_globals() -> list:
-    """The classes (besides torch's defaults) that DeepSpeed's checkpoint files contain.
+    """The plain data classes DeepSpeed's checkpoint files contain (the engine package names them)."""
+    from pretrain.engine.records import checkpoint_record_classes
 
-    Measured on checkpoints of every layout the tests cover: the fragment addresses of ZeRO-1/2 and
-    BF16_Optimizer partitions, ZeRO-3's stage enum and its (static) loss scaler. Each is a plain
-    record rebuilt from its fields; none runs code on construction.
-    """
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]
+    return checkpoint_record_classes()
 
 
 def load(path, map_location: Any = "cpu", mmap: bool = False) -> Any:

@@ -35,26 +35,24 @@ from pretrain.checkpoint import reshard
 from pretrain.checkpoint import safeload
 from pretrain.engine.core import TrainEngine
 from pretrain.errors import CheckpointError
+from pretrain.model import weights
 from pretrain.checkpoint.manifest import MANIFEST, checkpoints, compare, hashes, read_expected
 
 log = logging.getLogger(__name__)
 
 STAGING = ".tmp"
-# Test hook: the step whose save dies (os._exit) after the files are written, before the commit.
-CRASH_ENV = "PRETRAIN_TEST_CRASH_IN_SAVE"
 
 
 @dataclass
 class TrainState:
-    """Runtime counters; never part of the config."""
+    """Runtime counters, never part of the config, and the state of the training hooks (``train.hooks``)."""
 
     step: int = 0
     tokens: int = 0
     consumed_samples: int = 0
     skipped_steps: int = 0  # updates skipped for a non-finite or spiking loss, over the whole run
     consecutive_skips: int = 0
-    loss_average: Optional[float] = None  # running mean of accepted losses (the spike guard's reference)
-    noise_scale: dict = field(default_factory=dict)  # gns.NoiseScale's EMAs
+    hooks: dict = field(default_factory=dict)  # {hook name: its state_dict}, written at each save
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainState":
@@ -103,14 +101,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _crash_if_planted(step: int) -> None:
-    if os.environ.get(CRASH_ENV) == str(step):
-        log.error("%s=%d: dying in the middle of a checkpoint write (test hook)", CRASH_ENV, step)
-        os._exit(86)
+def save(engine: TrainEngine, directory: str, state: TrainState, keep_last: int, before_commit=None) -> str:
+    """Write and commit a checkpoint of ``state``. Collective: every rank calls it. Returns its folder.
 
-
-def save(engine: TrainEngine, directory: str, state: TrainState, keep_last: int) -> str:
-    """Write and commit a checkpoint of ``state``. Collective: every rank calls it. Returns its folder."""
+    ``before_commit(step)`` runs once the files are written, before any is checksummed (fault tests).
+    """
     root = Path(directory)
     tag = tag_for(state.step)
     staging_root = root / STAGING
@@ -125,7 +120,8 @@ def save(engine: TrainEngine, directory: str, state: TrainState, keep_last: int)
     rng.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}, rng)
     dist.barrier()
-    _crash_if_planted(state.step)
+    if before_commit is not None:
+        before_commit(state.step)
 
     names = _files(staged) if dist.get_rank() == 0 else None
     box = [names]
@@ -210,7 +206,7 @@ def resume(engine: TrainEngine, directory: str, tag: Optional[str] = None) -> Op
         raise CheckpointError(f"{directory}/{tag}/{MANIFEST}: its 'shapes' and 'layout' entries are not tables; "
                               "the manifest was not written by pretrain")
     if shapes is not None:  # refuse another model's checkpoint before DeepSpeed's load fails on it
-        reshard.check_fits(shapes, engine.shapes, Path(directory) / tag)
+        weights.check_fits(shapes, engine.shapes, Path(directory) / tag, reshard.ReshardError, reshard.FIT_ADVICE)
     if saved is not None and saved != engine.layout:
         return _resume_resharded(engine, Path(directory) / tag, saved)
     client_state = engine.load(directory, tag)

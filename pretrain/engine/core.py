@@ -1,10 +1,10 @@
 """DeepSpeed runs the optimisation: ZeRO over the data-parallel group, bf16 with fp32 master weights,
 gradient accumulation and clipping, and the 1F1B pipeline schedule when pp > 1.
 
-This module is the only one that drives DeepSpeed (``reshard.py`` fills its optimizers' state when a
-checkpoint changes layout). ``TrainEngine.train_step`` takes the
-micro-batches of one optimizer step for this rank and returns the step's loss and the global
-gradient norm, identically for the plain and the pipeline engine.
+``TrainEngine.train_step`` takes the micro-batches of one optimizer step for this rank and returns
+the step's loss and the global gradient norm, identically for the plain and the pipeline engine;
+given a ``judge``, it skips the update of a bad step (``gate``). ``load_full_state`` fills the
+optimizers from layout-free tensors when a checkpoint changes layout (``full_state``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Optional
+from typing import Callable, Optional
 
 import deepspeed
 import torch
@@ -21,11 +21,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import nn
 
-from pretrain.engine import compat
 from pretrain.checkpoint import safeload
 from pretrain.config import OptimConfig, ParallelConfig, TrainerConfig
+from pretrain.engine import compat, full_state
+from pretrain.engine.gate import Judge, UpdateGate
 from pretrain.engine.groups import MegatronMPU
-from pretrain.checkpoint.reshard import describe, model_shapes
+from pretrain.engine.layout import describe, model_shapes
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # tokens [b, s], labels [b, s]
 
@@ -200,6 +201,7 @@ class StepResult:
     small_batch: Optional[int] = None
     fwd_bwd_s: Optional[float] = None  # pp == 1 only; the pipeline interleaves them
     optimizer_s: Optional[float] = None
+    skipped: Optional[str] = None  # why the update was not applied (the judge's reason); None if applied
 
 
 class TrainEngine:
@@ -207,10 +209,14 @@ class TrainEngine:
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, config: dict, parallel: ParallelConfig,
-        tap_local_grads: bool = False,
+        tap_local_grads: bool = False, judge: Optional[Judge] = None,
     ):
+        """``judge(loss)``: the reason to skip the update of a step with that loss (averaged over
+        micro-batches and DP), or None to apply it; without one every update is applied."""
         self.pipeline = parallel.pipeline > 1
         self.tap = LocalGradTap(model, self.pipeline, track_micro_steps=parallel.data == 1) if tap_local_grads else None
+        # Around the torch optimizer's step, before DeepSpeed wraps that optimizer.
+        self.gate = None if judge is None else UpdateGate(optimizer, judge)
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -219,6 +225,8 @@ class TrainEngine:
         )
         if self.tap is not None and self.pipeline:
             self.tap.wrap_pipeline(self.ds)
+        if self.gate is not None:
+            self.gate.attach(self.ds, self.pipeline)
         # DeepSpeed's loader would unpickle anything; every file it reads goes through the weights-only one.
         self.ds.checkpoint_engine.load = safeload.load_for_deepspeed
         self.zero_stage = config["zero_optimization"]["stage"]
@@ -284,6 +292,8 @@ class TrainEngine:
         norm = self.ds.get_global_grad_norm()
         norm = float(self._fp32_norm if norm is None else norm)
         result = StepResult(loss=float(loss), grad_norm=norm, fwd_bwd_s=fwd_bwd, optimizer_s=optimizer)
+        if self.gate is not None:
+            result.skipped = self.gate.take_result()
         if self.tap is not None:
             result.local_grad_sq_norm = self.tap.finish_step()
             result.small_batch_sq_norm, result.small_batch = self._small_batch(result.local_grad_sq_norm, len(micro_batches))
@@ -316,7 +326,7 @@ class TrainEngine:
         return float(loss)
 
     def save(self, directory: str, tag: str, client_state: dict) -> None:
-        """DeepSpeed's checkpoint plus this rank's layout and parameter table (reshard.describe)."""
+        """DeepSpeed's checkpoint plus this rank's layout and parameter table (layout.describe)."""
         ranks = {"tp_rank": parallel_state.get_tensor_model_parallel_rank(),
                  "pp_rank": parallel_state.get_pipeline_model_parallel_rank()}
         client_state = {**client_state, "layout": {**self.layout, **ranks}, "parameters": describe(self.module, self.optimizer)}
@@ -330,6 +340,14 @@ class TrainEngine:
     def load(self, directory: str, tag: Optional[str] = None) -> Optional[dict]:
         path, client_state = self.ds.load_checkpoint(directory, tag=tag)
         return None if path is None else client_state
+
+    def load_full_state(self, read: Callable[[str, str, nn.Parameter], torch.Tensor], step: float) -> None:
+        """Set weights, fp32 masters and Adam moments from layout-free tensors, and Adam's step count.
+
+        ``read(state, canonical name, parameter)`` returns this TP rank's slice of that state
+        ("fp32", "exp_avg" or "exp_avg_sq"). Every rank calls it, instead of ``load``.
+        """
+        full_state.load_full_state(self, read, step)
 
     @property
     def module(self) -> nn.Module:

@@ -69,11 +69,8 @@ class Ranks:
     """This process's coordinates in the grid."""
 
     rank: int
-    tp: int
-    pp: int
     dp: int
     dp_size: int
-    is_last_stage: bool
 
     @property
     def logs(self) -> bool:
@@ -84,11 +81,8 @@ class Ranks:
 def ranks() -> Ranks:
     return Ranks(
         rank=dist.get_rank(),
-        tp=parallel_state.get_tensor_model_parallel_rank(),
-        pp=parallel_state.get_pipeline_model_parallel_rank(),
         dp=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
-        is_last_stage=parallel_state.is_pipeline_last_stage(),
     )
 
 

@@ -4,7 +4,7 @@
 
 CKPT_DIR is a run directory, its ``checkpoints`` folder, or one tag folder inside it. The
 checkpoint may come from any layout (tp, pp, dp, ZeRO 0-3, fp32 or bf16): ``consolidate`` reads
-the fp32 master weights with ``reshard.SavedCheckpoint`` as full tensors under canonical names
+the fp32 master weights with ``checkpoint.saved.SavedCheckpoint`` as full tensors under canonical names
 (``blocks.3.attn.qkv.weight``). ``to_hf`` maps those to ``GPT2LMHeadModel`` or
 ``LlamaForCausalLM``; settings transformers cannot represent are refused by name.
 
@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from pretrain.checkpoint import manifest
 from pretrain.errors import UserError, user_errors
-from pretrain.checkpoint.reshard import SavedCheckpoint, malformed
+from pretrain.checkpoint.reshard import malformed
+from pretrain.checkpoint.saved import SavedCheckpoint
 
 
 class ExportError(UserError):
@@ -224,7 +225,7 @@ def main(argv=None) -> None:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    with user_errors("export", ["--debug"] if args.debug else []):
+    with user_errors("export", debug=args.debug):
         out = export(args.checkpoint, args.out_dir, args.tag, args.config)
     print(f"wrote {out}")
 

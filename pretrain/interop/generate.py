@@ -60,25 +60,21 @@ def init_single_process() -> None:
     distributed.init_distributed(ParallelConfig())
 
 
-def build_inference_model(model_cfg, canonical: dict[str, torch.Tensor]) -> nn.Module:
-    """A tp = pp = 1 ``GPT`` in eval mode holding the given full tensors (checked name by name)."""
+def build_inference_model(model_cfg, canonical: dict[str, torch.Tensor], source="(in memory)") -> nn.Module:
+    """A tp = pp = 1 ``GPT`` in eval mode holding the given full tensors (checked name by name and
+    shape by shape; ``source`` names where they came from in the error)."""
     from pretrain.config import ParallelConfig
     from pretrain.model.gpt import build_model, canonical_parameters
+    from pretrain.model.weights import check_fits, full_shape
 
     init_single_process()
     model = build_model(model_cfg, ParallelConfig())
     params = dict(canonical_parameters(model))
-    missing = sorted(set(params) - set(canonical))
-    unexpected = sorted(set(canonical) - set(params))
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint does not fit the configured model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    check_fits({name: t.shape for name, t in canonical.items()}, {name: full_shape(p) for name, p in params.items()},
+               source, CheckpointError, "Its saved model config (config.yaml, or config.json of a transformers "
+               "folder) does not describe its weights: was it edited?")
     with torch.no_grad():
         for name, p in params.items():
-            if tuple(canonical[name].shape) != tuple(p.shape):
-                raise CheckpointError(
-                    f"checkpoint tensor {name} has shape {tuple(canonical[name].shape)}, the configured model "
-                    f"expects {tuple(p.shape)}"
-                )
             p.copy_(canonical[name])
     return model.eval()
 
@@ -102,7 +98,7 @@ def load(path: str):
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(tok)
-    return model_cfg, build_inference_model(model_cfg, canonical), tokenizer
+    return model_cfg, build_inference_model(model_cfg, canonical, path), tokenizer
 
 
 def next_logits(model, tokens: torch.Tensor) -> torch.Tensor:
@@ -176,7 +172,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole prefix every step")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    with user_errors("generate", ["--debug"] if args.debug else []):
+    with user_errors("generate", debug=args.debug):
         _run(args)
 
 

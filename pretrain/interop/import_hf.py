@@ -187,7 +187,7 @@ def check_compatible(configured, imported) -> None:
     resolved = {"head_dim": head_dim, "ffn_hidden_size": ffn_hidden_size, "num_kv_heads": lambda c: c.num_kv_heads or c.num_attention_heads}
     diffs = []
     for key in ARCHITECTURE:
-        get = resolved.get(key, lambda c, k=key: c[k])
+        get = resolved.get(key, lambda c, k=key: getattr(c, k))  # a DictConfig or a typed ModelConfig
         if get(configured) != get(imported):
             diffs.append(f"model.{key}={get(configured)} (checkpoint: {get(imported)})")
     if configured.vocab_size is not None and padded_vocab_size(configured) != padded_vocab_size(imported):
@@ -198,15 +198,17 @@ def check_compatible(configured, imported) -> None:
 
 @torch.no_grad()
 def apply_init_from(model, model_cfg, path: str) -> None:
-    """Overwrite this rank's parameters with the transformers checkpoint's. Every rank calls it."""
+    """Overwrite this rank's parameters with the transformers checkpoint's. Every rank calls it (collective)."""
     from pretrain.model.gpt import canonical_parameters
-    from pretrain.model.init import shard
+    from pretrain.model.weights import check_fits, gathered_full_shapes, shard
 
     imported_cfg, full = from_hf(path)
     check_compatible(model_cfg, imported_cfg)
-    for name, p in canonical_parameters(model):
-        if name not in full:
-            raise HFImportError(f"model.init_from={path}: no tensor for {name}")
+    params = list(canonical_parameters(model))
+    # Shapes of the whole model, not this stage's: then every rank sees the same misfits and raises alike.
+    check_fits({name: t.shape for name, t in full.items()}, gathered_full_shapes(params), f"model.init_from={path}",
+               HFImportError, f"Configure the model as `python -m pretrain.interop.import_hf {path}` prints it")
+    for name, p in params:
         p.copy_(shard(full[name], p).to(p.dtype))
 
 
@@ -216,7 +218,7 @@ def main(argv=None) -> None:
     parser.add_argument("--name", default=None, help="model name in the printed config")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
-    with user_errors("import_hf", ["--debug"] if args.debug else []):
+    with user_errors("import_hf", debug=args.debug):
         m, _ = from_hf(args.hf_dir)
     m.name = args.name or m.name
     m.init_from = str(Path(args.hf_dir).resolve()) if "init_from" in m else None

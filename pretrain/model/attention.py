@@ -21,11 +21,18 @@ def _kernels():
     return pretrain_kernels
 
 
-def _banded_causal_mask(s: int, window: int, device) -> torch.Tensor:
-    """True where query i may attend key j: i - window < j <= i."""
-    i = torch.arange(s, device=device)[:, None]
-    j = torch.arange(s, device=device)[None, :]
-    return (j <= i) & (j > i - window)
+def causal_mask(q_len: int, k_len: int, window: Optional[int], device, offset: Optional[int] = None) -> torch.Tensor:
+    """bool [q_len, k_len], True where query i (at absolute position offset + i) may attend key j.
+
+    Allowed: j <= offset + i and, with a window, j > offset + i - window; ``window=None`` means no window.
+    ``offset`` defaults to k_len - q_len: the queries are the last q_len keys' positions (a KV cache's
+    new tokens after ``past`` cached ones; 0 for plain self-attention).
+    """
+    offset = k_len - q_len if offset is None else offset
+    pos = torch.arange(offset, offset + q_len, device=device)[:, None]
+    j = torch.arange(k_len, device=device)[None, :]
+    allowed = j <= pos
+    return allowed if window is None else allowed & (j > pos - window)
 
 
 def attention(q, k, v, window: Optional[int], dropout_p: float, backend: str) -> torch.Tensor:
@@ -33,7 +40,8 @@ def attention(q, k, v, window: Optional[int], dropout_p: float, backend: str) ->
         return _kernels().causal_attention(q.contiguous(), k.contiguous(), v.contiguous(), window=window)
     if backend == "eager":
         return _eager_attention(q, k, v, window, dropout_p)
-    mask = None if window is None else _banded_causal_mask(q.shape[2], window, q.device)
+    s = q.shape[2]
+    mask = None if window is None else causal_mask(s, s, window, q.device)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, enable_gqa=k.shape[1] != q.shape[1]
     )
@@ -45,7 +53,7 @@ def _eager_attention(q, k, v, window, dropout_p):
     v = v.repeat_interleave(group, dim=1)
     scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5  # (b, h, s, s)
     s = q.shape[2]
-    allowed = _banded_causal_mask(s, window if window is not None else s, q.device)
+    allowed = causal_mask(s, s, window, q.device)
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     probs = F.dropout(probs, dropout_p, training=dropout_p > 0.0)

@@ -1,19 +1,19 @@
-"""The decoder as a list of pipeline layers, and the two ways to run it.
+"""The decoder as a list of layer specs, and running it in one process.
 
-``layer_specs`` describes the model once. With pp == 1 ``GPT`` runs the layers in order inside one
-process; with pp > 1 DeepSpeed's ``PipelineModule`` builds only this stage's slice of the same list.
-Either way parameters get the same canonical names, so init, checkpoints and export do not depend
-on the layout.
+``layer_specs`` describes the model once, as plain ``Layer`` records. With pp == 1 ``GPT`` runs the
+layers in order inside one process; with pp > 1 ``pretrain.engine.pipeline`` hands the same list to
+DeepSpeed's ``PipelineModule``, which builds only this stage's slice. Either way parameters get the
+same canonical names, so init, checkpoints and export do not depend on the layout.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
-from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
@@ -50,39 +50,57 @@ def _tied_logits(embedding: WordEmbedding, x):
     return embedding.logits(x)
 
 
-def layer_specs(cfg: ModelConfig, mp: ModelParallelConfig) -> list:
+@dataclass(frozen=True)
+class Layer:
+    """One layer of the model, not yet built: ``cls(*args)``.
+
+    Layers with the same ``tied_key`` share one module: the first builds it, a later one calls
+    ``forward_fn(module, x)`` on it instead. ``tied_weight_attr`` names the shared parameter (the
+    pipeline all-reduces its gradient between the stages that hold a copy).
+    """
+
+    cls: type
+    args: tuple = ()
+    tied_key: Optional[str] = None
+    forward_fn: Optional[Callable] = None
+    tied_weight_attr: Optional[str] = None
+
+    def build(self) -> nn.Module:
+        return self.cls(*self.args)
+
+
+def layer_specs(cfg: ModelConfig, mp: ModelParallelConfig) -> list[Layer]:
     vocab = padded_vocab_size(cfg)
     if cfg.tie_embeddings:
-        specs = [TiedLayerSpec("embed", WordEmbedding, cfg, mp, vocab, tied_weight_attr="word.weight")]
+        specs = [Layer(WordEmbedding, (cfg, mp, vocab), tied_key="embed", tied_weight_attr="word.weight")]
     else:
-        specs = [LayerSpec(WordEmbedding, cfg, mp, vocab)]
-    specs.append(LayerSpec(EmbeddingOutput, cfg, mp))
-    specs += [LayerSpec(Block, cfg, mp, i) for i in range(cfg.num_layers)]
-    specs.append(LayerSpec(FinalNorm, cfg, mp))
+        specs = [Layer(WordEmbedding, (cfg, mp, vocab))]
+    specs.append(Layer(EmbeddingOutput, (cfg, mp)))
+    specs += [Layer(Block, (cfg, mp, i)) for i in range(cfg.num_layers)]
+    specs.append(Layer(FinalNorm, (cfg, mp)))
     if cfg.tie_embeddings:
-        specs.append(
-            TiedLayerSpec("embed", WordEmbedding, cfg, mp, vocab, forward_fn=_tied_logits, tied_weight_attr="word.weight")
-        )
+        specs.append(Layer(WordEmbedding, (cfg, mp, vocab), tied_key="embed", forward_fn=_tied_logits,
+                           tied_weight_attr="word.weight"))
     else:
-        specs.append(LayerSpec(OutputLayer, cfg, mp, vocab))
+        specs.append(Layer(OutputLayer, (cfg, mp, vocab)))
     return specs
 
 
 class GPT(nn.Module):
     """All layers in one process (pp == 1). forward(tokens [b, s], labels [b, s]) -> mean loss."""
 
-    def __init__(self, specs: list):
+    def __init__(self, specs: list[Layer]):
         super().__init__()
         self.layers = nn.ModuleList()
         self._calls = []
         tied: dict[str, nn.Module] = {}
         for spec in specs:
-            if isinstance(spec, TiedLayerSpec) and spec.key in tied:
-                self._calls.append(partial(spec.forward_fn, tied[spec.key]))
+            if spec.tied_key is not None and spec.tied_key in tied:
+                self._calls.append(partial(spec.forward_fn, tied[spec.tied_key]))
                 continue
             module = spec.build()
-            if isinstance(spec, TiedLayerSpec):
-                tied[spec.key] = module
+            if spec.tied_key is not None:
+                tied[spec.tied_key] = module
             self.layers.append(module)
             self._calls.append(module)
 
@@ -97,24 +115,16 @@ class GPT(nn.Module):
         return lm_loss(self.logits(tokens), labels)
 
 
-def _pipeline_loss(logits, labels):
-    return lm_loss(logits, labels)
+def build_model(cfg: ModelConfig, parallel: ParallelConfig) -> GPT:
+    """The whole model in this process, pp == 1 (weights uninitialised; see init.apply_init).
 
-
-def build_model(cfg: ModelConfig, parallel: ParallelConfig, topology=None) -> nn.Module:
-    """Build this rank's part of the model (weights uninitialised; see init.apply_init).
-
-    Called on every rank after the process groups exist; ``topology`` is required when pp > 1.
+    Called on every rank after the process groups exist. A pipeline is DeepSpeed's to build:
+    ``pretrain.engine.pipeline.build_model`` takes any layout.
     """
-    specs = layer_specs(cfg, megatron_config(parallel))
-    if parallel.pipeline == 1:
-        return GPT(specs)
-    return PipelineModule(
-        layers=specs,
-        topology=topology,
-        loss_fn=_pipeline_loss,
-        partition_method="type:Block",
-    )
+    if parallel.pipeline != 1:
+        raise ValueError(f"pretrain.model.gpt.build_model builds pp == 1 only (got pipeline={parallel.pipeline}); "
+                         "use pretrain.engine.pipeline.build_model")
+    return GPT(layer_specs(cfg, megatron_config(parallel)))
 
 
 def canonical_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:

@@ -158,9 +158,7 @@ class Attention(nn.Module):
 
 def _attention_after_prefix(q, k, v, past: int, window: Optional[int]) -> torch.Tensor:
     """q (b, h, s, d) at positions past .. past + s - 1 over keys (b, hkv, past + s, d); no dropout."""
-    i = torch.arange(past, past + q.shape[2], device=q.device)[:, None]
-    j = torch.arange(k.shape[2], device=q.device)[None, :]
-    allowed = (j <= i) if window is None else (j <= i) & (j > i - window)
+    allowed = attn_ops.causal_mask(q.shape[2], k.shape[2], window, q.device, offset=past)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=k.shape[1] != q.shape[1])
 
 

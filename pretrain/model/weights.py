@@ -8,7 +8,7 @@ TP rank r holds chunk r of each part.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from megatron.core import parallel_state
@@ -61,6 +61,21 @@ def gather(shards: list[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
     """Inverse of ``shard``: the full tensor from every TP rank's slice, in rank order."""
     parts = [s.chunk(stride, dim=dim) for s in shards]
     return torch.cat([torch.cat([p[j] for p in parts], dim=dim) for j in range(stride)], dim=dim)
+
+
+def gathered_full_shapes(named: Iterable[tuple[str, nn.Parameter]]) -> dict[str, list[int]]:
+    """{canonical name: full shape} of the parameters every rank holds (a pipeline stage holds only its own).
+
+    Collective over the default process group when one is initialized: every rank calls it.
+    """
+    import torch.distributed as dist
+
+    local = {name: full_shape(p) for name, p in named}
+    if not dist.is_initialized():
+        return local
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return {name: shape for part in parts for name, shape in part.items()}
 
 
 def misfits(stored: dict[str, Sequence[int]], wanted: dict[str, Sequence[int]]) -> list[str]:

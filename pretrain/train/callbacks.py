@@ -13,7 +13,6 @@ import os
 import uuid
 from pathlib import Path
 
-from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +34,9 @@ class Callbacks:
 
     def __init__(self, callbacks: list[Callback]):
         self.callbacks = list(callbacks)
+
+    def extend(self, callbacks: list[Callback]) -> None:
+        self.callbacks.extend(callbacks)
 
     def _call(self, event: str, *args) -> None:
         for cb in list(self.callbacks):
@@ -126,7 +128,7 @@ class WandbLogger(Callback):
     """Weights & Biases run in the run directory; metrics keyed by tokens seen so runs with
     different batch sizes line up. Offline runs upload later with `wandb sync <run dir>/wandb`."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path):
+    def __init__(self, cfg, run_dir: Path):
         import wandb
 
         from pretrain.redact import redacted_config
@@ -143,7 +145,7 @@ class WandbLogger(Callback):
             name=run_dir.name,
             resume="allow",
             mode=wandb_mode(),
-            config=redacted_config(cfg),  # no ${oc.env:...} values or secrets in the .wandb file
+            config=redacted_config(cfg.composed),  # no ${oc.env:...} values or secrets in the .wandb file
             tags=[f"model:{cfg.model.name}", f"data:{cfg.data.name}", f"parallel:{cfg.parallel.name}", cfg.trainer.precision],
             settings=wandb.Settings(silent=True, console="off"),
         )
@@ -175,11 +177,34 @@ class Plots(Callback):
         plot_runs([self.run_dir], self.run_dir)
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path, total_steps: int) -> Callbacks:
-    """The logging rank's callbacks; each one that cannot start is left out with a warning."""
+def start_logging(run) -> list[Callback]:
+    """On the logging rank: the run's config.yaml, its summary line, warnings about odd settings, and
+    the callbacks that log the run (each one that cannot start is left out with a warning)."""
+    from omegaconf import OmegaConf
+
+    from pretrain.redact import redacted_yaml
+
+    cfg, run_dir = run.config, run.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # ${oc.env:...} kept, secrets redacted; the vocabulary the data gave, so export and generate rebuild the model.
+    resolved = OmegaConf.merge(cfg.composed, {"model": {"vocab_size": run.model_config.vocab_size}})
+    (run_dir / "config.yaml").write_text(redacted_yaml(resolved))
+    par = cfg.parallel
+    log.info(
+        "model %s: %.2fM parameters, %.3g FLOPs/token | layout tp=%d pp=%d dp=%d zero=%d | %s | "
+        "MFU against %.3g FLOP/s per device (%s) | run dir %s",
+        cfg.model.name, run.num_params / 1e6, run.flops_per_token, par.tensor, par.pipeline, par.data,
+        par.zero_stage, cfg.trainer.precision, run.peak_flops, run.peak_source, run_dir,
+    )
+    if 0 < cfg.trainer.loss_spike_factor <= 1:  # skips ordinary steps; the fault tests use it so
+        log.warning("trainer.loss_spike_factor=%g skips every update whose loss is above the running mean; "
+                    "use 0 (off) or a factor above 1, e.g. 3", cfg.trainer.loss_spike_factor)
+    if cfg.optim.warmup_tokens > run.schedule.planned_tokens:  # a smoke run of a recipe's preset: allowed
+        log.warning("optim.warmup_tokens=%d exceeds this run's %d tokens: the LR stays below its peak optim.lr=%g",
+                    cfg.optim.warmup_tokens, run.schedule.planned_tokens, cfg.optim.lr)
     makers = [(MetricsFile, (run_dir, cfg.logging.interval))]
     if cfg.trainer.progress_bar:
-        makers.append((ProgressBar, (total_steps,)))
+        makers.append((ProgressBar, (cfg.trainer.max_steps,)))
     if cfg.logging.wandb:
         makers.append((WandbLogger, (cfg, run_dir)))
     if cfg.logging.plot:
@@ -190,4 +215,4 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, total_steps: int) -> Callbac
             callbacks.append(cls(*args))
         except Exception as exc:  # noqa: BLE001
             log.warning("%s could not start (%s: %s); continuing without it", cls.__name__, type(exc).__name__, exc)
-    return Callbacks(callbacks)
+    return callbacks

@@ -11,8 +11,10 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from pretrain.config import CONF_DIR, register_configs
-from pretrain.errors import HydraEntry
+import sys
+
+from pretrain.config import CONF_DIR, RENAMED, register_configs
+from pretrain.errors import EXIT_USER_ERROR, HydraEntry
 
 register_configs()
 entry = HydraEntry("train")
@@ -37,10 +39,27 @@ def _main(cfg: DictConfig) -> None:
     from pretrain.train.trainer import Trainer  # megatron-core and DeepSpeed: seconds to import
 
     quiet_third_party(cfg.logging.verbose)  # again: DeepSpeed's logger came with its own handler
-    Trainer(cfg, HydraConfig.get().runtime.output_dir).run()
+    from pretrain.config import typed
+
+    Trainer(typed(cfg), HydraConfig.get().runtime.output_dir).run()
+
+
+def renamed_keys(argv: list[str]) -> list[str]:
+    """A message for each override that names a key which has moved (``config.RENAMED``)."""
+    problems = []
+    for arg in argv:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key in RENAMED:
+            problems.append(f"{key} was renamed {RENAMED[key]}: use {RENAMED[key]}=" + arg.split("=", 1)[-1])
+    return problems
 
 
 def main() -> None:
+    problems = renamed_keys(sys.argv[1:])
+    if problems:
+        for problem in problems:
+            print(f"train: error: {problem}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     entry.run(_main)
 
 

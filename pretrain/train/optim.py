@@ -1,8 +1,6 @@
-"""AdamW parameter groups and the token-counted schedules (learning rate, batch-size ramp)."""
+"""AdamW: its parameter groups (what decays) and the implementation picked for the machine."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -44,31 +42,3 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         except ImportError:
             return torch.optim.AdamW(groups, fused=True, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
-
-
-def lr_at(tokens: int, cfg: OptimConfig, total_tokens: int) -> float:
-    """GPT-3 schedule in tokens: linear warmup, cosine to min_lr_ratio * lr, then constant.
-
-    ``tokens`` counts the tokens seen once the current step's batch is consumed, so the first
-    step of a warmup already has a non-zero rate.
-    """
-    if cfg.warmup_tokens and tokens < cfg.warmup_tokens:
-        return cfg.lr * tokens / cfg.warmup_tokens
-    decay_end = cfg.decay_tokens or total_tokens
-    min_lr = cfg.lr * cfg.min_lr_ratio
-    if decay_end <= cfg.warmup_tokens:
-        return cfg.lr
-    progress = min(1.0, (tokens - cfg.warmup_tokens) / (decay_end - cfg.warmup_tokens))
-    return min_lr + (cfg.lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def batch_size_at(tokens: int, cfg: OptimConfig, global_batch: int, increment: int) -> int:
-    """Global batch in sequences: a linear ramp from ramp_start_batch over ramp_tokens tokens.
-
-    Rounded down to a multiple of ``increment`` (micro-batch x dp), the granularity at which the
-    engine can change its number of accumulation steps.
-    """
-    if cfg.ramp_start_batch is None or cfg.ramp_tokens <= 0 or tokens >= cfg.ramp_tokens:
-        return global_batch
-    size = cfg.ramp_start_batch + (global_batch - cfg.ramp_start_batch) * tokens / cfg.ramp_tokens
-    return max(increment, int(size) // increment * increment)
