@@ -199,6 +199,20 @@ RENAMED = {
 }
 
 
+def check_renamed(overrides: list[str]) -> None:
+    """Refuse, naming the new key, each command-line override of a key that has moved."""
+    from pretrain.errors import UserError
+
+    problems = []
+    for arg in overrides:
+        key, _, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if key in RENAMED:
+            problems.append(f"{key} was renamed {RENAMED[key]}: use {RENAMED[key]}={value}")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
 @dataclass
 class Config:
     model: ModelConfig = MISSING

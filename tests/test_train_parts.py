@@ -88,3 +88,10 @@ def test_the_training_loop_fits_on_a_screen_and_reads_no_config():
     assert len(source.splitlines()) <= 40, f"loop.train is {len(source.splitlines())} lines"
     names = {node.attr for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Attribute)}
     assert "config" not in names and "cfg" not in names
+
+
+def test_the_launcher_refuses_a_renamed_key_too():
+    from pretrain.launch import compose_training
+
+    with pytest.raises(UserError, match="logging.gns_ramp_warmup was renamed optim.gns_ramp_warmup: use optim.gns_ramp_warmup=3"):
+        compose_training(["logging.gns_ramp_warmup=3"])

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from pretrain.config import CONF_DIR, ModelConfig, register_configs, typed
+from pretrain.config import CONF_DIR, ModelConfig, check_renamed, register_configs, typed
 from pretrain.engine import compat, groups
 from pretrain.errors import UserError, composing, user_errors
 from pretrain.flops import measured_matmul_flops
@@ -74,6 +74,7 @@ def main(argv=None) -> None:
 
 
 def _run(args) -> None:
+    check_renamed(args.overrides)
     register_configs()
     overrides = ["data=synthetic", f"trainer.max_steps={args.warmup + args.steps}", *args.overrides,
                  # Timed as the trainer runs it, less what only a real run needs.

@@ -146,7 +146,7 @@ def main(argv=None) -> None:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    with user_errors("reshard", ["--debug"] if args.debug else []):
+    with user_errors("reshard", debug=args.debug):
         ckpt_dir, tag = manifest.find(args.checkpoint, args.tag)
         out = convert(Path(ckpt_dir) / tag)
     meta = json.loads((out / META).read_text())

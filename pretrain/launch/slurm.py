@@ -37,8 +37,9 @@ def compose_training(overrides: list[str]) -> DictConfig:
     """The training config exactly as ``pretrain.train`` would compose it from ``overrides``."""
     from hydra import compose, initialize_config_dir
 
-    from pretrain.config import register_configs
+    from pretrain.config import check_renamed, register_configs
 
+    check_renamed(overrides)
     register_configs()
     with composing("training config"), initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)  # Hydra's message names the override

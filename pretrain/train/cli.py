@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 
 import sys
 
-from pretrain.config import CONF_DIR, RENAMED, register_configs
-from pretrain.errors import EXIT_USER_ERROR, HydraEntry
+from pretrain.config import CONF_DIR, check_renamed, register_configs
+from pretrain.errors import HydraEntry, user_errors
 
 register_configs()
 entry = HydraEntry("train")
@@ -44,22 +44,9 @@ def _main(cfg: DictConfig) -> None:
     Trainer(typed(cfg), HydraConfig.get().runtime.output_dir).run()
 
 
-def renamed_keys(argv: list[str]) -> list[str]:
-    """A message for each override that names a key which has moved (``config.RENAMED``)."""
-    problems = []
-    for arg in argv:
-        key = arg.split("=", 1)[0].lstrip("+~")
-        if key in RENAMED:
-            problems.append(f"{key} was renamed {RENAMED[key]}: use {RENAMED[key]}=" + arg.split("=", 1)[-1])
-    return problems
-
-
 def main() -> None:
-    problems = renamed_keys(sys.argv[1:])
-    if problems:
-        for problem in problems:
-            print(f"train: error: {problem}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+    with user_errors("train"):
+        check_renamed(sys.argv[1:])  # before Hydra, whose message would not name the new key
     entry.run(_main)
 
 
