@@ -1,0 +1,148 @@
+"""Per-GPU memory of a plan, in bytes, for the first and the last pipeline stage (the two that hold most).
+
+Model states (ZeRO, Rajbhandari et al. 2020): bf16 weights 2 bytes, gradients ``grad_bytes`` (2 bf16,
+4 for Megatron's fp32 main grads), Adam with an fp32 master copy 12 bytes (K = 12). ZeRO-1 shards the
+12 over the data-parallel group, ZeRO-2 the gradients too, ZeRO-3 the weights too.
+
+Activations per transformer layer and micro-batch (Korthikanti et al. 2022, Table 2 and section 4.1),
+written per token so that GQA, SwiGLU and flash attention fit the same count: a part every TP rank
+keeps whole without sequence parallelism (norm inputs, the QKV and FC1 inputs, dropout masks: 10 s b h
+for GPT), a part split over TP (Q, K, V, the projection inputs, the MLP's inner activations: 24 s b h
+for GPT), and the score matrix (5 a s^2 b: softmax output, dropout mask and output) when attention is
+materialised. Selective recompute drops the score part; full recompute keeps the layer input only
+(2 s b h, split over TP with SP) plus one layer's working set during its backward.
+
+1F1B keeps min(p, m) micro-batches in flight on the first stage, so it holds L layers' worth; the
+interleaved schedule multiplies that by 1 + (p - 1)/(p v) for v virtual stages (Korthikanti section 4).
+The last stage has one micro-batch in flight but holds the logits and the loss buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pretrain.plan.gpus import GPU
+from pretrain.plan.spec import Spec, embedding_params, layer_params
+
+GIB = 2.0**30
+# PyTorch's caching allocator reserves more than it allocates while activations of different sizes
+# come and go; 8% of the activation bytes is typical of the reserved/allocated ratio in training logs
+# (torch.cuda.memory_stats at the peak of a 1F1B step). A judgement, not fitted to the rows here.
+FRAGMENTATION = 0.08
+# Logits per element: bf16 logits (2) + the fp32 copy the loss works in (4) + its fp32 softmax/gradient (4).
+LOGIT_BYTES = 10
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes on one GPU; ``stage`` says which pipeline stage this is ("first", "last" or "only")."""
+
+    stage: str
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    logits: float
+    other: float
+
+    @property
+    def states(self) -> float:
+        return self.weights + self.grads + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.states + self.activations + self.logits + self.other
+
+    def gib(self) -> dict:
+        keys = ("total", "weights", "grads", "optimizer", "activations", "logits", "other")
+        return {k: round(getattr(self, k) / GIB, 3) for k in keys}
+
+
+def stage_params(s: Spec, stage: str) -> float:
+    """Parameters held by one GPU of a stage (TP splits matmuls and the vocabulary; positions are whole)."""
+    layers = s.layers // s.pp * layer_params(s) / s.tp
+    vocab = s.vocab * s.hidden / s.tp
+    first = vocab + s.learned_positions * s.hidden
+    # The last stage holds the LM head: its own matrix, or a copy of the tied embedding when pp > 1.
+    last = vocab + s.hidden * (2 if s.bias else 1)
+    if stage == "only":
+        return layers + first + (0 if s.tied else vocab) + s.hidden * (2 if s.bias else 1)
+    return layers + (first if stage == "first" else last)
+
+
+def model_state_bytes(params: float, dp: int, zero: int, grad_bytes: int = 2) -> tuple[float, float, float]:
+    """(weights, grads, optimizer) bytes on one GPU for ``params`` parameters, ZeRO stage ``zero`` over ``dp``
+    ranks: Rajbhandari et al.'s (2 + 2 + K) Psi / N_d terms with K = 12."""
+    weights = 2.0 * params / (dp if zero >= 3 else 1)
+    grads = grad_bytes * params / (dp if zero >= 2 else 1)
+    optimizer = 12.0 * params / (dp if zero >= 1 else 1)
+    return weights, grads, optimizer
+
+
+def model_states(s: Spec, params: float) -> tuple[float, float, float]:
+    return model_state_bytes(params, s.dp, s.zero, s.grad_bytes)
+
+
+def layer_activation_bytes(s: Spec, recompute: str | None = None) -> float:
+    """Bytes one layer keeps for backward for one micro-batch on one GPU (Korthikanti Table 2, generalised)."""
+    recompute = s.recompute if recompute is None else recompute
+    tokens = s.seq * s.micro_batch
+    h, d = s.hidden, s.head_dim
+    if recompute == "full":
+        return 2.0 * tokens * h / (s.tp if s.sp else 1)
+    masks = 2 * h if s.dropout else 0  # one byte per element after attention and after the MLP
+    replicated = 8 * h + masks  # two norm inputs, the QKV input, the FC1 input (2 bytes each)
+    split = 2 * (s.heads + 2 * s.kv_heads) * d + 2 * s.heads * d + (6 if s.swiglu else 4) * s.ffn
+    if recompute == "selective":
+        scores = 0.0
+    elif s.attention == "materialized":
+        scores = (5 if s.dropout else 2) * s.heads * s.seq  # softmax out (+ dropout mask and output)
+    else:
+        scores = 4.0 * s.heads  # flash attention keeps one fp32 log-sum-exp per head and token
+    per_token = replicated / (s.tp if s.sp else 1) + (split + scores) / s.tp
+    return tokens * per_token
+
+
+def in_flight(s: Spec) -> float:
+    """Micro-batches' worth of activations the first stage holds at its peak (1F1B, interleaved)."""
+    m = s.micro_batches
+    if s.pp == 1:
+        return 1.0
+    if s.virtual_stages > 1:
+        return s.pp * (1 + (s.pp - 1) / (s.pp * s.virtual_stages))
+    return float(min(s.pp, m))
+
+
+def activation_bytes(s: Spec, stage: str) -> float:
+    """Transformer-layer activations held by one GPU of ``stage`` at its peak."""
+    per_stage_layers = s.layers // s.pp
+    micro = in_flight(s) if stage in ("first", "only") else 1.0
+    held = per_stage_layers * micro * layer_activation_bytes(s)
+    if s.recompute == "full":  # the layer being recomputed holds its full activations during its backward
+        held += layer_activation_bytes(s, "none")
+    return held
+
+
+def logits_bytes(s: Spec) -> float:
+    return LOGIT_BYTES * s.seq * s.micro_batch * s.vocab / s.tp
+
+
+def other_bytes(s: Spec, gpu: GPU, activations: float) -> float:
+    """CUDA context, NCCL and cuBLAS workspaces, allocator slack; ZeRO-3's gathered weights (two layers,
+    the one computing and the one prefetched)."""
+    gathered = 2 * 2.0 * layer_params(s) / s.tp if s.zero >= 3 else 0.0
+    return gpu.overhead_gib * GIB + FRAGMENTATION * activations + gathered
+
+
+def stage_memory(s: Spec, gpu: GPU, stage: str) -> Memory:
+    weights, grads, optimizer = model_states(s, stage_params(s, stage))
+    activations = activation_bytes(s, stage)
+    logits = logits_bytes(s) if stage in ("last", "only") else 0.0
+    return Memory(stage, weights, grads, optimizer, activations, logits, other_bytes(s, gpu, activations))
+
+
+def peak_memory(s: Spec, gpu: GPU) -> Memory:
+    """The most loaded GPU: the only stage, or whichever of the first and last holds more."""
+    if s.pp == 1:
+        return stage_memory(s, gpu, "only")
+    return max((stage_memory(s, gpu, st) for st in ("first", "last")), key=lambda mem: mem.total)
