@@ -15,11 +15,13 @@ setup: $(VENV)/.installed
 CONSTRAINTS := constraints.txt
 PIP_INSTALL := $(PY) -m pip install --quiet -c $(CONSTRAINTS)
 
+# setuptools warns (a UserWarning) at every editable install that a folder named like a package could
+# shadow it; the terminal of `make train` shows only real problems.
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) pretrain/data/install_corpus.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
 	$(PIP_INSTALL) torch
-	$(PIP_INSTALL) -e '.[cpu,dev]'
+	PYTHONWARNINGS=ignore::UserWarning $(PIP_INSTALL) -e '.[cpu,dev]'
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash pretrain/data/install_corpus.sh
 	touch $@
 

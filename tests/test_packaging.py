@@ -246,6 +246,9 @@ def test_a_built_wheel_trains_from_an_unrelated_directory(tmp_path):
     where = subprocess.run([str(python), "-c", "import pretrain; print(pretrain.__file__)"], cwd=elsewhere, env=env,
                            check=True, capture_output=True, text=True).stdout
     assert str(target) in where and str(ROOT) not in where, where
+    shipped = {p.relative_to(target).as_posix() for p in (target / "pretrain" / "conf").rglob("*.yaml")}
+    source = {p.relative_to(ROOT).as_posix() for p in (ROOT / "pretrain" / "conf").rglob("*.yaml")}
+    assert shipped == source, f"config files missing from the wheel (list their folder in pyproject): {source - shipped}"
     proc = subprocess.run([str(venv / "bin" / "pretrain-train"), "trainer.max_steps=3", "trainer.progress_bar=false",
                            "trainer.eval_interval=0", "logging.wandb=false", "logging.plot=false", "hydra.run.dir=run"],
                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
