@@ -192,6 +192,18 @@ class LoggingConfig(Sealable):
     verbose: bool = False
 
 
+@dataclass
+class PlannerConfig(Sealable):
+    """The pre-launch memory check (pretrain/plan/check.py), run before any process group starts."""
+
+    check: str = "refuse"  # refuse (exit 2) | warn | off
+    # How far the predicted per-GPU memory may exceed the device's before the check acts (a fraction).
+    margin: float = 0.05
+    # A catalogue name (python -m pretrain.plan --help); None: the CUDA device this process sees (a CPU
+    # run has none and is not checked).
+    gpu: Optional[str] = None
+
+
 # Keys that moved; the old name is refused with the new one (pretrain.train.cli).
 RENAMED = {
     "logging.gns_batch_ramp": "optim.gns_batch_ramp",  # it changes training, not what is logged
@@ -222,6 +234,7 @@ class Config:
     data: DataConfig = MISSING
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
 
 
 @dataclass(frozen=True)
@@ -241,6 +254,7 @@ class RunConfig:
     trainer: TrainerConfig
     checkpoint: CheckpointConfig
     logging: LoggingConfig
+    planner: PlannerConfig
     data: Any
     composed: Any
 
@@ -252,7 +266,7 @@ def typed(cfg) -> RunConfig:
     cfg = cfg.copy()
     OmegaConf.set_readonly(cfg, True)
     sections = {name: seal(OmegaConf.to_object(cfg[name]))  # resolves interpolations
-                for name in ("model", "parallel", "optim", "trainer", "checkpoint", "logging")}
+                for name in ("model", "parallel", "optim", "trainer", "checkpoint", "logging", "planner")}
     return RunConfig(**sections, data=cfg.data, composed=cfg)
 
 

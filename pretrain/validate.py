@@ -26,6 +26,7 @@ _CHOICES = {
     "model.local_attention_layers": ("none", "all", "odd", "even"),
     "trainer.precision": ("fp32", "bf16"),
     "parallel.activation_checkpointing": ("none", "full", "every"),
+    "planner.check": ("refuse", "warn", "off"),
 }
 
 
@@ -211,6 +212,7 @@ def _run_rules(cfg: DictConfig) -> list[str]:
     _at_least(problems, ck, "checkpoint", ("interval", "keep_last"), 0)
     _at_least(problems, ck, "checkpoint", ("stop_after",), 1)
     _at_least(problems, lg, "logging", ("interval",), 1)
+    _at_least(problems, cfg.planner, "planner", ("margin",), 0)
     if ck.resume not in ("auto", "never") and not Path(ck.resume).is_dir():
         problems.append(
             f"checkpoint.resume={ck.resume!r} is neither auto, never nor an existing directory: use auto (the newest "

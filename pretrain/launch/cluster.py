@@ -45,6 +45,9 @@ class ClusterConfig:
     qos: Optional[str] = None  # --qos
     job_name: Optional[str] = None  # default: <model>-<parallel plan>; letters, digits, _ . + -
     gpus_per_node: int = 0
+    # A planner catalogue name (python -m pretrain.plan --help): the launcher checks the plan's memory on
+    # it before queuing (planner.check / planner.margin), as the job itself does once it runs.
+    gpu: Optional[str] = None
     procs_per_node: Optional[int] = None  # default: gpus_per_node
     cpus_per_task: int = 1
     mem: Optional[str] = None  # --mem, e.g. 500G; null or 0: not requested

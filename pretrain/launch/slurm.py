@@ -190,7 +190,12 @@ def slurm(argv: list[str]) -> int:
     layout(cfg, cluster)
     from pretrain.validate import validate
 
-    validate(cfg, cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.data)  # ConfigError: exit 2
+    world = cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.data
+    validate(cfg, world)  # ConfigError: exit 2
+    if cluster.gpu:
+        from pretrain.plan.check import prelaunch
+
+        prelaunch(cfg, world, gpu=cluster.gpu)  # PlanError (exit 2) before anything is queued
     script = render(cfg, cluster, training)
     if args.dry_run and not args.output:
         sys.stdout.write(script)

@@ -31,6 +31,9 @@ def _main(cfg: DictConfig) -> None:
         from pretrain.data import validate_data_config
 
         validate_data_config(cfg.data)
+    from pretrain.plan.check import prelaunch
+
+    prelaunch(cfg, world_size_from_env())  # on a GPU: refuse a plan that cannot fit in its memory
     from pretrain.engine import compat
     from pretrain.console import quiet_third_party
 
