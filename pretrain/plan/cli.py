@@ -1,4 +1,5 @@
 """``python -m pretrain.plan [training overrides] cluster.gpu=NAME cluster.gpus=N [--json] [--search]``
+``python -m pretrain.plan --budget-gpu-hours H cluster.gpu=NAME [cluster.gpus=N] [--mfu F] [--json]``
 
 Predicts, before launch, the per-GPU memory of the most loaded GPU (the first pipeline stage, or the
 last when the logits outweigh it) and the step time of the composed training config on a cluster.
@@ -8,12 +9,17 @@ last when the logits outweigh it) and the step time of the composed training con
   cluster.file=PATH      a YAML adding or overriding GPUs (gpus: {NAME: {peak_flops: ..}}) and links
                          (gpus_per_node, nvlink_bw, network_bw, bytes/s per GPU)
   plan.KEY=VALUE         what the trainer config has no key for yet: virtual_stages, recompute
-                         (none|selective|full), attention (flash|materialized), grad_bytes (2|4),
-                         overlap_dp (true|false), vocab
+                         (none|selective|full), attention (flash|materialized), grad_bytes (2|4;
+                         default 4 when trainer.precision=fp32), overlap_dp (true|false),
+                         unfused_rmsnorm (true: torch-op RMSNorm, as on CPU), vocab
 
 With --search, parallel.* and trainer.micro_batch_size are searched over (the global batch, model and
 sequence stay as composed) and the five fastest plans that fit are printed; --write NAME saves the best
 as a parallel-plan YAML (NAME.yaml, or --out PATH).
+
+With --budget-gpu-hours H, the compute-optimal parameters N and tokens D for C = H x 3600 x peak x MFU
+FLOPs (MFU assumed 0.40 unless --mfu; C = 6 N D), from Chinchilla's fit, the 2024 Epoch AI refit and 20
+tokens per parameter (budget.py); cluster.gpus=N adds the wall-clock days. No training config is read.
 
 FLOPs per token (forward + backward): model = 3 x (L x (2 x matmul weights per layer + 4 s a d) + 2 V h)
 (Korthikanti et al. 2022: 72 B L s h^2 (1 + s/(6h) + V/(12 h L)) per step for GPT); hardware adds one
@@ -89,6 +95,9 @@ def plan(argv: list[str]) -> int:
     parser.add_argument("--out", metavar="PATH", help="where --write puts it: a file, or a folder (default ./NAME.yaml)")
     parser.add_argument("--margin", type=float, default=None,
                         help="fraction of device memory --search leaves free (default 0.05)")
+    parser.add_argument("--budget-gpu-hours", type=float, metavar="H",
+                        help="propose compute-optimal parameters and tokens for H GPU-hours")
+    parser.add_argument("--mfu", type=float, default=None, help="with --budget-gpu-hours: assumed MFU (default 0.40)")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     parser.add_argument("overrides", nargs="*", help="training overrides, cluster.KEY=VALUE, plan.KEY=VALUE")
     args = parser.parse_intermixed_args(argv)
@@ -98,6 +107,10 @@ def plan(argv: list[str]) -> int:
 
 def run(args) -> int:
     cluster_settings, extra, training = split_args(args.overrides)
+    if args.budget_gpu_hours is not None:
+        return run_budget(args, cluster_settings, extra, training)
+    if args.mfu is not None:
+        raise PlanError("--mfu goes with --budget-gpu-hours")
     cluster = load_cluster(cluster_settings)
     cfg = compose_training(training)
     spec = from_config(cfg, extra)
@@ -132,6 +145,19 @@ def run(args) -> int:
     if not pred.fits:
         print(f"plan: warning: {pred.memory.total / GIB:.1f} GiB does not fit the {cluster.gpu.memory_gib:.1f} GiB of a "
               f"{cluster.gpu.name}; try --search", file=sys.stderr)
+    return 0
+
+
+def run_budget(args, cluster_settings: dict, extra: dict, training: list[str]) -> int:
+    from pretrain.plan.budget import ASSUMED_MFU, budget, table as budget_table
+
+    if args.search or args.write or extra or training:
+        raise PlanError("--budget-gpu-hours takes cluster.gpu=NAME [cluster.gpus=N] [--mfu F] only (got "
+                        f"{' '.join(['--search'] * args.search + [a for a in args.overrides if not a.startswith('cluster.')])})")
+    given = bool(cluster_settings.get("gpus"))
+    cluster = load_cluster({"gpus": 1, **cluster_settings})
+    result = budget(args.budget_gpu_hours, cluster, ASSUMED_MFU if args.mfu is None else args.mfu, given)
+    print(json.dumps(result, indent=2) if args.json else budget_table(result))
     return 0
 
 

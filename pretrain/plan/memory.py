@@ -2,19 +2,26 @@
 
 Model states (ZeRO, Rajbhandari et al. 2020): bf16 weights 2 bytes, gradients ``grad_bytes`` (2 bf16,
 4 for Megatron's fp32 main grads), Adam with an fp32 master copy 12 bytes (K = 12). ZeRO-1 shards the
-12 over the data-parallel group, ZeRO-2 the gradients too, ZeRO-3 the weights too.
+12 over the data-parallel group, ZeRO-2 the gradients too, ZeRO-3 the weights too. fp32 training
+(``precision="fp32"``, measured on CPU by tests/test_plan_calibration.py): 4-byte weights and
+gradients; DeepSpeed's ZeRO optimizers still keep an fp32 master partition (K = 12 over the group),
+plain torch Adam without ZeRO only its two moments (K = 8).
 
 Activations per transformer layer and micro-batch (Korthikanti et al. 2022, Table 2 and section 4.1),
 written per token so that GQA, SwiGLU and flash attention fit the same count: a part every TP rank
 keeps whole without sequence parallelism (norm inputs, the QKV and FC1 inputs, dropout masks: 10 s b h
 for GPT), a part split over TP (Q, K, V, the projection inputs, the MLP's inner activations: 24 s b h
 for GPT), and the score matrix (5 a s^2 b: softmax output, dropout mask and output) when attention is
-materialised. Selective recompute drops the score part; full recompute keeps the layer input only
+materialised. This framework's SwiGLU (silu(gate) * up in torch ops) keeps fc1's output, silu(gate) and
+fc2's input (4 ffn elements), RoPE the rotated Q and K beside the QKV output and its cos/sin tables;
+an unfused RMSNorm (Spec.unfused_rmsnorm) one more h and an fp32 rstd per norm. Element bytes follow
+the precision (2 bf16, 4 fp32). Selective recompute drops the score part; full recompute keeps the layer input only
 (2 s b h, split over TP with SP) plus one layer's working set during its backward.
 
 1F1B keeps min(p, m) micro-batches in flight on the first stage, so it holds L layers' worth; the
 interleaved schedule multiplies that by 1 + (p - 1)/(p v) for v virtual stages (Korthikanti section 4).
-The last stage has one micro-batch in flight but holds the logits and the loss buffer.
+The last stage has one micro-batch in flight but holds the logits and the loss buffer, and the final
+norm's and the LM head's inputs.
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ GIB = 2.0**30
 # (torch.cuda.memory_stats at the peak of a 1F1B step). A judgement, not fitted to the rows here.
 FRAGMENTATION = 0.08
 # Logits per element: bf16 logits (2) + the fp32 copy the loss works in (4) + its fp32 softmax/gradient (4).
+# fp32 (measured): the loss writes its softmax over the fp32 logits in place, so 4.
 LOGIT_BYTES = 10
+FP32_LOGIT_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -70,37 +79,48 @@ def stage_params(s: Spec, stage: str) -> float:
     return layers + (first if stage == "first" else last)
 
 
-def model_state_bytes(params: float, dp: int, zero: int, grad_bytes: int = 2) -> tuple[float, float, float]:
+def model_state_bytes(params: float, dp: int, zero: int, grad_bytes: int = 2,
+                      precision: str = "bf16") -> tuple[float, float, float]:
     """(weights, grads, optimizer) bytes on one GPU for ``params`` parameters, ZeRO stage ``zero`` over ``dp``
-    ranks: Rajbhandari et al.'s (2 + 2 + K) Psi / N_d terms with K = 12."""
-    weights = 2.0 * params / (dp if zero >= 3 else 1)
+    ranks: Rajbhandari et al.'s (2 + 2 + K) Psi / N_d terms with K = 12 (fp32: 4 + 4 + K, K = 8 without ZeRO)."""
+    fp32 = precision == "fp32"
+    weights = (4.0 if fp32 else 2.0) * params / (dp if zero >= 3 else 1)
     grads = grad_bytes * params / (dp if zero >= 2 else 1)
-    optimizer = 12.0 * params / (dp if zero >= 1 else 1)
+    optimizer = (8.0 if fp32 and zero == 0 else 12.0) * params / (dp if zero >= 1 else 1)
     return weights, grads, optimizer
 
 
+def element_bytes(s: Spec) -> int:
+    return 4 if s.precision == "fp32" else 2
+
+
 def model_states(s: Spec, params: float) -> tuple[float, float, float]:
-    return model_state_bytes(params, s.dp, s.zero, s.grad_bytes)
+    return model_state_bytes(params, s.dp, s.zero, s.grad_bytes, s.precision)
 
 
 def layer_activation_bytes(s: Spec, recompute: str | None = None) -> float:
     """Bytes one layer keeps for backward for one micro-batch on one GPU (Korthikanti Table 2, generalised)."""
     recompute = s.recompute if recompute is None else recompute
     tokens = s.seq * s.micro_batch
-    h, d = s.hidden, s.head_dim
+    h, d, e = s.hidden, s.head_dim, element_bytes(s)
     if recompute == "full":
-        return 2.0 * tokens * h / (s.tp if s.sp else 1)
+        return e * tokens * h / (s.tp if s.sp else 1)
     masks = 2 * h if s.dropout else 0  # one byte per element after attention and after the MLP
-    replicated = 8 * h + masks  # two norm inputs, the QKV input, the FC1 input (2 bytes each)
-    split = 2 * (s.heads + 2 * s.kv_heads) * d + 2 * s.heads * d + (6 if s.swiglu else 4) * s.ffn
+    # Two norm inputs, the QKV input, the FC1 input; an unfused RMSNorm also its normalised input + rstd.
+    replicated = e * (4 + (2 if s.unfused_rmsnorm else 0)) * h + masks + (8 if s.unfused_rmsnorm else 0)
+    split = e * ((s.heads + 2 * s.kv_heads) * d + s.heads * d + (4 if s.swiglu else 2) * s.ffn)
+    rope = 0.0
+    if s.rope:  # the rotated Q and K, and each layer's cos and sin tables (s x d, whole on every rank)
+        split += e * (s.heads + s.kv_heads) * d
+        rope = 2.0 * e * s.seq * d
     if recompute == "selective":
         scores = 0.0
-    elif s.attention == "materialized":
-        scores = (5 if s.dropout else 2) * s.heads * s.seq  # softmax out (+ dropout mask and output)
+    elif s.attention == "materialized":  # softmax out (+ dropout mask and output)
+        scores = (2 * e + 1 if s.dropout else e) * s.heads * s.seq
     else:
         scores = 4.0 * s.heads  # flash attention keeps one fp32 log-sum-exp per head and token
     per_token = replicated / (s.tp if s.sp else 1) + (split + scores) / s.tp
-    return tokens * per_token
+    return tokens * per_token + rope
 
 
 def in_flight(s: Spec) -> float:
@@ -124,13 +144,16 @@ def activation_bytes(s: Spec, stage: str) -> float:
 
 
 def logits_bytes(s: Spec) -> float:
-    return LOGIT_BYTES * s.seq * s.micro_batch * s.vocab / s.tp
+    """The logits and loss buffers, and the final norm's and the LM head's inputs (whole on every TP rank)."""
+    per_logit = FP32_LOGIT_BYTES if s.precision == "fp32" else LOGIT_BYTES
+    head = element_bytes(s) * (3 if s.unfused_rmsnorm else 2) * s.hidden + (4 if s.unfused_rmsnorm else 0)
+    return s.seq * s.micro_batch * (per_logit * s.vocab / s.tp + head)
 
 
 def other_bytes(s: Spec, gpu: GPU, activations: float) -> float:
     """CUDA context, NCCL and cuBLAS workspaces, allocator slack; ZeRO-3's gathered weights (two layers,
     the one computing and the one prefetched)."""
-    gathered = 2 * 2.0 * layer_params(s) / s.tp if s.zero >= 3 else 0.0
+    gathered = 2 * element_bytes(s) * layer_params(s) / s.tp if s.zero >= 3 else 0.0
     return gpu.overhead_gib * GIB + FRAGMENTATION * activations + gathered
 
 

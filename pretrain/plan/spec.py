@@ -23,6 +23,7 @@ from pretrain.errors import UserError
 
 RECOMPUTE = ("none", "selective", "full")
 ATTENTION = ("flash", "materialized")
+PRECISION = ("bf16", "fp32")
 
 
 class PlanError(UserError):
@@ -61,6 +62,10 @@ class Spec:
     attention: str = "flash"
     grad_bytes: int = 2  # 2: bf16 gradients (ZeRO paper, DeepSpeed); 4: fp32 main grads (Megatron-LM)
     overlap_dp: bool = True  # gradient reduction overlaps the last micro-batch's backward
+    precision: str = "bf16"  # bf16: 2-byte weights and activations, fp32 master; fp32: 4 bytes throughout
+    # RMSNorm from torch ops (CPU, or no apex): keeps its input, the normalised input and its output
+    # (3 h per token) and an fp32 rstd; apex's fused norms (GPU) keep the input and the next matmul's.
+    unfused_rmsnorm: bool = False
 
     @property
     def gpus(self) -> int:
@@ -87,6 +92,8 @@ class Spec:
         if self.layers % (self.pp * self.virtual_stages):
             out.append(f"pipeline x virtual stages = {self.pp}x{self.virtual_stages} does not divide the "
                        f"{self.layers} layers")
+        if self.precision not in PRECISION:
+            out.append(f"precision={self.precision!r} is not one of {', '.join(PRECISION)}")
         if self.zero not in (0, 1, 2, 3):
             out.append(f"zero_stage={self.zero} must be 0-3")
         if self.sp and self.tp == 1:
@@ -150,9 +157,14 @@ def _get(node: Any, key: str, default):
     return default if value is None else value
 
 
+def _flag(value) -> bool:
+    return str(value).lower() not in ("false", "0", "no")
+
+
 def from_config(cfg, extra: dict) -> Spec:
     """The Spec of a composed training config. ``extra`` holds ``plan.*`` settings the trainer config
-    has no key for yet (virtual_stages, recompute=selective, attention, grad_bytes, vocab)."""
+    has no key for yet (virtual_stages, recompute=selective, attention, grad_bytes, unfused_rmsnorm, vocab).
+    The precision is the trainer's (``trainer.precision``); fp32 training keeps fp32 gradients (4 bytes)."""
     from pretrain.config import ffn_hidden_size, head_dim
 
     m, par, tr = cfg.model, cfg.parallel, cfg.trainer
@@ -162,14 +174,16 @@ def from_config(cfg, extra: dict) -> Spec:
     vocab = m.vocab_multiple * math.ceil(int(vocab) / m.vocab_multiple)
     checkpointing = _get(par, "activation_checkpointing", "none")
     recompute = {"none": "none", "full": "full", "every": "full", "selective": "selective"}.get(checkpointing, checkpointing)
+    precision = _get(tr, "precision", "bf16")
     backend = _get(m, "attention_backend", "sdpa")
     attention = "materialized" if backend == "eager" else "flash"
     options = {
         "recompute": extra.get("recompute", recompute),
         "virtual_stages": int(extra.get("virtual_stages", _get(par, "virtual_stages", 1))),
         "attention": extra.get("attention", attention),
-        "grad_bytes": int(extra.get("grad_bytes", 2)),
-        "overlap_dp": str(extra.get("overlap_dp", True)).lower() not in ("false", "0", "no"),
+        "grad_bytes": int(extra.get("grad_bytes", 4 if precision == "fp32" else 2)),
+        "overlap_dp": _flag(extra.get("overlap_dp", True)),
+        "unfused_rmsnorm": _flag(extra.get("unfused_rmsnorm", False)) and m.norm == "rmsnorm",
     }
     unknown = sorted(set(extra) - set(options) - {"vocab"})
     if unknown:
@@ -184,5 +198,5 @@ def from_config(cfg, extra: dict) -> Spec:
         dropout=(m.hidden_dropout or 0) > 0 or (m.attention_dropout or 0) > 0,
         seq=tr.seq_length, micro_batch=tr.micro_batch_size, global_batch=tr.global_batch_size,
         tp=par.tensor, pp=par.pipeline, dp=par.data, zero=par.zero_stage, sp=bool(par.sequence_parallel),
-        **options,
+        precision=precision, **options,
     )
