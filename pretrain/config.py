@@ -112,6 +112,9 @@ class ParallelConfig(Sealable):
     # Gradient checkpointing: none | full (every block) | every (every k-th block).
     activation_checkpointing: str = "none"
     checkpoint_every: int = 1
+    # Interleaved 1F1B (model chunks per pipeline rank). The planner models it (python -m pretrain.plan);
+    # the trainer runs DeepSpeed's plain 1F1B and refuses anything but 1 until it runs interleaved schedules.
+    virtual_stages: int = 1
     # A collective that waits longer than this fails the job (a hung or dead rank) instead of
     # holding the allocation; raise it when a first step or a checkpoint save is slower.
     timeout_minutes: float = 30.0

@@ -97,6 +97,11 @@ def _rules(cfg: DictConfig, world_size: int) -> list[str]:
             f"parallel.zero_stage={par.zero_stage} with parallel.pipeline={pp}: DeepSpeed's pipeline engine "
             "supports ZeRO stage 0 or 1 only; use zero_stage=1 or pipeline=1"
         )
+    if par.virtual_stages != 1:
+        problems.append(
+            f"parallel.virtual_stages={par.virtual_stages}: training runs the plain 1F1B schedule (1); interleaved "
+            "schedules are modelled by `python -m pretrain.plan` only, for now"
+        )
     if par.sequence_parallel and tp == 1:
         problems.append("parallel.sequence_parallel=true needs parallel.tensor > 1")
     if par.activation_checkpointing == "every" and par.checkpoint_every < 1:

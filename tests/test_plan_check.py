@@ -71,3 +71,13 @@ def test_the_slurm_launcher_checks_the_cluster_gpu_before_queuing(capsys):
         launch.main(["slurm", "cluster=local-cpu", "cluster.gpu=A100-40GB", "--dry-run", *TOO_BIG])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith("launch: error: the plan needs "), err
+
+
+def test_virtual_stages_are_planned_but_refused_by_the_trainer():
+    from pretrain.plan.spec import from_config
+    from pretrain.validate import ConfigError, validate
+
+    cfg = make("data=synthetic", "parallel=pp2", "model.num_layers=4", "parallel.virtual_stages=2")
+    assert from_config(cfg, {}).virtual_stages == 2
+    with pytest.raises(ConfigError, match="parallel.virtual_stages=2: training runs the plain 1F1B schedule"):
+        validate(cfg, 2)
