@@ -17,7 +17,10 @@ import triton
 import triton.language as tl
 
 from . import _backend
+from ._compat import patch_interpreter
 from .triton_attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_delta
+
+patch_interpreter()  # Triton < 3.7 interpreter under NumPy >= 2.4; see _compat
 
 LOG2E = 1.4426950408889634
 
@@ -98,7 +101,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, o
         if UPCAST:
             v = v.to(tl.float32)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        # out_dtype=acc.dtype: Triton < 3.8 defaults it to fp32 even for an fp64 acc (see _compat).
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC, out_dtype=acc.dtype)
         m_i = m_new
     return acc, l_i, m_i
 

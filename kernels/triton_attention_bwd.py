@@ -10,6 +10,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._compat import patch_interpreter
+
+patch_interpreter()  # Triton < 3.7 interpreter under NumPy >= 2.4; see _compat
 
 
 @triton.jit
@@ -61,10 +64,11 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
             diff = offs_m[None, :] - offs_n[:, None]
             visible = (diff >= 0) & (diff < window) & (offs_m[None, :] < seq_len)
             pt = tl.where(visible, pt, 0.0)
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
+        # out_dtype=<acc>.dtype: Triton < 3.8 defaults it to fp32 even for an fp64 acc (see _compat).
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC, out_dtype=dv.dtype)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)  # (BN, BM)
         dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PREC)
+        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=PREC, out_dtype=dk.dtype)
     return dk, dv
 
 
@@ -150,7 +154,8 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_
             p = tl.where(visible, p, 0.0)
         dp = tl.dot(do, vt, input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PREC)
+        # out_dtype: as in _dkdv_inner (Triton < 3.8).
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PREC, out_dtype=dq.dtype)
     return dq
 
 

@@ -13,6 +13,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._compat import patch_interpreter
+
+patch_interpreter()  # Triton < 3.7 interpreter under NumPy >= 2.4; see _compat
+
 
 @triton.jit
 def _rotary(Q, K, COS, SIN, QO, KO,
