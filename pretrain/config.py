@@ -240,6 +240,19 @@ class Config:
     planner: PlannerConfig = field(default_factory=PlannerConfig)
 
 
+def compose_training(overrides: list[str], what: str = "training config"):
+    """The training config exactly as ``pretrain.train`` composes it from ``overrides``, for the entry
+    points that compose without ``@hydra.main`` (launch, plan, bench). Bad overrides: a UserError."""
+    from hydra import compose, initialize_config_dir
+
+    from pretrain.errors import composing
+
+    check_renamed(overrides)
+    register_configs()
+    with composing(what), initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)  # Hydra's message names the override
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """The composed config, typed and immutable: what every builder reads at run time.

@@ -21,19 +21,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
-from pretrain.config import CONF_DIR, ModelConfig, check_renamed, register_configs, typed
+from pretrain.config import ModelConfig, compose_training, typed
 from pretrain.engine import compat, groups
-from pretrain.errors import UserError, composing, user_errors
+from pretrain.errors import UserError, user_errors
 from pretrain.flops import measured_matmul_flops
 from pretrain.model.gpt import padded_vocab_size
 from pretrain.model.layers import ffn_hidden_size, head_dim
 from pretrain.train.build import build_run
 from pretrain.validate import validate
-
-CONF = CONF_DIR
 
 
 def hf_model(cfg: ModelConfig, vocab: int) -> torch.nn.Module:
@@ -74,13 +70,10 @@ def main(argv=None) -> None:
 
 
 def _run(args) -> None:
-    check_renamed(args.overrides)
-    register_configs()
     overrides = ["data=synthetic", f"trainer.max_steps={args.warmup + args.steps}", *args.overrides,
                  # Timed as the trainer runs it, less what only a real run needs.
                  "checkpoint.resume=never", "logging.gns=false"]
-    with composing("the benchmark's overrides"), initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg: DictConfig = compose("config", overrides=overrides)
+    cfg = compose_training(overrides, "the benchmark's overrides")
     validate(cfg, world_size=1)
     with tempfile.TemporaryDirectory() as run_dir:
         run = build_run(typed(cfg), Path(run_dir), logging_on=False)

@@ -28,21 +28,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pretrain.errors import UserError, composing, user_errors
+from pretrain.config import compose_training
+from pretrain.errors import UserError, user_errors
 
-from pretrain.launch.cluster import CONF, JOB_NAME, TORCHRUN_SIGNALS, ClusterConfig, ClusterError, load_cluster, sbatch_quote
-
-
-def compose_training(overrides: list[str]) -> DictConfig:
-    """The training config exactly as ``pretrain.train`` would compose it from ``overrides``."""
-    from hydra import compose, initialize_config_dir
-
-    from pretrain.config import check_renamed, register_configs
-
-    check_renamed(overrides)
-    register_configs()
-    with composing("training config"), initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)  # Hydra's message names the override
+from pretrain.launch.cluster import JOB_NAME, TORCHRUN_SIGNALS, ClusterConfig, ClusterError, load_cluster, sbatch_quote
 
 
 def split_overrides(args: list[str]) -> tuple[str, list[str], list[str]]:

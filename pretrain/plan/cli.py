@@ -34,7 +34,8 @@ import argparse
 import json
 import sys
 
-from pretrain.errors import composing, user_errors
+from pretrain.config import compose_training
+from pretrain.errors import user_errors
 from pretrain.plan import Prediction, predict
 from pretrain.plan.gpus import load_cluster
 from pretrain.plan.memory import GIB
@@ -53,18 +54,6 @@ def split_args(args: list[str]) -> tuple[dict, dict, list[str]]:
         else:
             training.append(arg)
     return cluster, plan, training
-
-
-def compose_training(overrides: list[str]):
-    """The training config as ``pretrain.train`` composes it (the same as ``pretrain.launch slurm``)."""
-    from hydra import compose, initialize_config_dir
-
-    from pretrain.config import CONF_DIR, check_renamed, register_configs
-
-    check_renamed(overrides)
-    register_configs()
-    with composing("training config"), initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
 
 
 def table(pred: Prediction) -> str:
