@@ -57,7 +57,7 @@ class ClusterConfig:
     rdzv_port: int = 29500  # 1-65535
     python: str = "python"  # one executable (a path is fine, spaces included), run as is
     workdir: Optional[str] = None  # default: the directory you submit from
-    runs_dir: str = "runs"  # taken literally (~ is expanded); no % or backslash
+    runs_dir: str = "runs"  # on a filesystem every node mounts; taken literally (~ is expanded); no % or backslash
     setup: List[str] = field(default_factory=list)  # shell lines, verbatim: the one place for shell code
     srun_args: List[str] = field(default_factory=list)  # each one argument, quoted (no $VAR expansion)
     # NAME: value, exported in the script. null, or any NAME that looks secret (KEY, TOKEN, SECRET,

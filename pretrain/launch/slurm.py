@@ -10,6 +10,8 @@ node. Preemption: Slurm sends the batch shell USR1 ``signal_seconds`` before the
 forwards it to the ranks, which finish the step, checkpoint and exit, and the shell requeues the job
 (``scontrol requeue``), which resumes from the checkpoint in the same run directory (named after the
 job). scancel's SIGTERM also makes the ranks save before they exit; that job is not requeued.
+``cluster.runs_dir`` must be on a filesystem every node mounts at the same path: a run directory some
+node does not see is refused before training starts (``pretrain.train.rundir``).
 
 The cluster file and its overrides are checked against ``ClusterConfig``: unknown keys, wrong types
 and values that cannot be rendered safely are refused (exit 2) naming the key. Every value that a

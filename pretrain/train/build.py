@@ -27,7 +27,7 @@ from pretrain.errors import CheckpointError, UserError
 from pretrain.flops import model_flops_per_token, peak_flops
 from pretrain.model.gpt import apply_activation_checkpointing, padded_vocab_size
 from pretrain.model.init import apply_init
-from pretrain.train import injection
+from pretrain.train import injection, rundir
 from pretrain.train.callbacks import Callbacks
 from pretrain.train.faults import StopRequest
 from pretrain.train.hooks import CheckpointHook, LossGuardHook, NoiseScaleHook, StopHook, Throughput
@@ -176,6 +176,7 @@ def build_run(cfg: RunConfig, run_dir: Path, stop_request: Optional[StopRequest]
     """Build every piece of a run on every rank, resuming from ``checkpoint.resume``. Collective."""
     tr = cfg.trainer
     ranks, run_dir = start_groups(cfg, run_dir)
+    rundir.check_run_dirs(run_dir, cfg.checkpoint.dir)  # multi-node: one directory every node sees
     schedule = BatchSchedule.from_config(cfg)
     num_eval = tr.eval_iters * tr.micro_batch_size * cfg.parallel.data
     train_data, valid_data, vocab = build_data(cfg, schedule.train_samples, max(num_eval, 1))
