@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) pretrain/data/install_corpus.s
 	$(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
 	$(PIP_INSTALL) torch
-	PYTHONWARNINGS=ignore::UserWarning $(PIP_INSTALL) -e '.[cpu,dev]'
+	PYTHONWARNINGS=ignore::UserWarning $(PIP_INSTALL) -e '.[cpu,dev,eval]'
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash pretrain/data/install_corpus.sh
 	touch $@
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -157,6 +157,13 @@ class TrainerConfig(Sealable):
     grad_accum_steps: Optional[int] = None
     eval_interval: int = 0  # steps; 0 disables
     eval_iters: int = 2
+    # Downstream tasks scored on rank 0 from a gathered copy of the weights (pretrain/evaluate/inloop.py),
+    # every eval_tasks_interval steps (0: every eval_interval steps); their first eval_tasks_limit
+    # examples (None: all), with eval_tasks_fewshot few-shot examples.
+    eval_tasks: List[str] = field(default_factory=list)
+    eval_tasks_interval: int = 0
+    eval_tasks_limit: Optional[int] = None
+    eval_tasks_fewshot: int = 0
     progress_bar: bool = True
     # Deterministic algorithms where torch offers them (parity tests).
     deterministic: bool = False

@@ -1,12 +1,14 @@
 """Plots of one or more runs: ``python -m pretrain.plot RUN_DIR [RUN_DIR ...] [--out DIR]``.
 
-Writes loss.png (train and validation), lr.png, gns.png (gradient noise scale) and
-throughput.png, each against tokens seen so runs with different batch sizes line up.
+Writes loss.png (train and validation), lr.png, gns.png (gradient noise scale), throughput.png and
+tasks.png (the accuracy of each ``trainer.eval_tasks`` task), each against tokens seen so runs with
+different batch sizes line up.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import logging
 from pathlib import Path
 
@@ -14,13 +16,26 @@ from pretrain.metrics import read_metrics
 
 log = logging.getLogger(__name__)
 
-# file name -> (y label, [(metric key, legend suffix, style)])
+# file name -> (y label, [(metric key or fnmatch pattern, legend suffix or None for the matched key, style)])
 PANELS = {
     "loss.png": ("loss (nats/token)", [("loss", "train", "-"), ("val_loss", "validation", "o-")]),
     "lr.png": ("learning rate", [("lr", "", "-")]),
     "gns.png": ("critical batch B_simple (tokens)", [("gns/simple_tokens", "", "-")]),
     "throughput.png": ("tokens / s", [("tokens_per_s", "", "-")]),
+    "tasks.png": ("accuracy", [("eval/*/acc", None, "o-")]),
 }
+
+
+def _expand(series: list, records: list[dict]) -> list:
+    """Each pattern's series once per metric key that it matches, the key's task as its legend."""
+    out = []
+    for key, suffix, style in series:
+        if suffix is not None:
+            out.append((key, suffix, style))
+            continue
+        keys = sorted({k for r in records for k in r if fnmatch.fnmatchcase(k, key)})
+        out += [(k, k.split("/")[1], style) for k in keys]
+    return out
 
 
 def plot_runs(run_dirs: list, out_dir) -> list[Path]:
@@ -38,7 +53,7 @@ def plot_runs(run_dirs: list, out_dir) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4))
         drawn = 0
         for run, records in runs.items():
-            for key, suffix, style in series:
+            for key, suffix, style in _expand(series, records):
                 points = [(r["tokens"], r[key]) for r in records if r.get(key) is not None]
                 if points:
                     xs, ys = zip(*points)

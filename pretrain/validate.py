@@ -10,6 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from pretrain.errors import UserError
+from pretrain.evaluate.taskdata import check_config as eval_task_rules
 
 
 class ConfigError(UserError):
@@ -183,6 +184,7 @@ def _rules(cfg: DictConfig, world_size: int) -> list[str]:
         problems.append(f"optim.lr={opt.lr} must be > 0")
     problems += _optim_rules(cfg)
     problems += _run_rules(cfg)
+    problems += eval_task_rules(cfg)  # trainer.eval_tasks* (pretrain/evaluate/taskdata.py)
     return problems
 
 

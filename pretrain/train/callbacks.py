@@ -65,7 +65,7 @@ class Callbacks:
 
 
 class MetricsFile(Callback):
-    """One JSON object per logged step (and per evaluation) in <run dir>/metrics.jsonl.
+    """One JSON object per logged step (and per evaluation: val_*, eval/<task>/<metric>) in <run dir>/metrics.jsonl.
 
     A resumed run appends; records past the step it resumed from (steps done after the last
     checkpoint by a run that was then killed) are dropped first, so each step appears once.
@@ -86,7 +86,7 @@ class MetricsFile(Callback):
         self._file = open(self.path, "a", buffering=1)
 
     def on_step(self, record: dict) -> None:
-        if record["step"] % self.interval == 0 or any(k.startswith("val") for k in record):
+        if record["step"] % self.interval == 0 or any(k.startswith(("val", "eval/")) for k in record):
             self._file.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
@@ -166,7 +166,7 @@ class WandbLogger(Callback):
 
 
 class Plots(Callback):
-    """PNG plots (loss, learning rate, noise scale, throughput) when the run ends."""
+    """PNG plots (loss, learning rate, noise scale, throughput, task accuracy) when the run ends."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)

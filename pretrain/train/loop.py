@@ -1,7 +1,8 @@
 """The training loop: one optimizer step after another, until the last step or a reason to stop.
 
 It reads no config: the batch schedule decides each step's batch and learning rate, the engine runs
-it, the hooks (``hooks``) measure, guard, stop and checkpoint, and the rank-0 callbacks log.
+it, the hooks (``hooks``) measure, guard, stop and checkpoint, the task evaluator
+(``pretrain.evaluate.inloop``) scores downstream tasks on rank 0, and the rank-0 callbacks log.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def train(run: Run) -> TrainState:
     state, hooks, engine = run.state, run.hooks, run.engine
     run.callbacks.on_train_start(state)
     try:
+        tasks = task_evaluator(run)
         while state.step < run.last_step:
             plan = run.schedule.step(state.step, state.tokens, hooks.noise.critical, hooks.noise.estimates)
             engine.set_global_batch(plan.batch)
@@ -37,6 +39,7 @@ def train(run: Run) -> TrainState:
             for hook in hooks.every_step:
                 hook.after_step(state, result, record)
             record.update(evaluate(run, state.step))
+            record.update(tasks.evaluate(engine.module, state.step))
             run.callbacks.on_step(record)
             if hooks.faults is not None:
                 hooks.faults.delay()
@@ -53,6 +56,14 @@ def train(run: Run) -> TrainState:
     finally:
         run.callbacks.close()
     return state
+
+
+def task_evaluator(run: Run):
+    """``trainer.eval_tasks`` every ``trainer.eval_tasks_interval`` steps (0: every ``eval_interval``)."""
+    from pretrain.evaluate.inloop import TaskEvaluator
+
+    tr = run.config.trainer
+    return TaskEvaluator(run.config, run.model_config, tr.eval_tasks_interval or tr.eval_interval)
 
 
 def evaluate(run: Run, step: int) -> dict:
