@@ -9,6 +9,7 @@ imported lazily: they bind their kernels to the interpreter or the GPU compiler 
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -34,55 +35,67 @@ def _on(t: Tensor):
 
 
 @torch.library.custom_op("pretrain_kernels::attention_fwd", mutates_args=())
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float) -> tuple[Tensor, Tensor]:
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, window: int, scale: float,
+                   segments: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     if _backend.use_triton(q):
         from . import triton_attention
 
         with _on(q):
-            return triton_attention.attention_forward(q, k, v, window, scale)
-    out, lse = reference.attention_forward(q, k, v, window, scale)
+            return triton_attention.attention_forward(q, k, v, window, scale, segments)
+    out, lse = reference.attention_forward(q, k, v, window, scale, segments)
     return out.contiguous(), lse.contiguous()
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, window, scale):
+def _(q, k, v, window, scale, segments=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=_stat_dtype(q.dtype))
 
 
 @torch.library.custom_op("pretrain_kernels::attention_bwd", mutates_args=())
 def _attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   window: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                   window: int, scale: float, segments: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     if _backend.use_triton(q):
         from . import triton_attention
 
         with _on(q):
-            return triton_attention.attention_backward(grad_out, q, k, v, out, lse, window, scale)
-    dq, dk, dv = reference.attention_backward(grad_out, q, k, v, out, lse, window, scale)
+            return triton_attention.attention_backward(grad_out, q, k, v, out, lse, window, scale, segments)
+    dq, dk, dv = reference.attention_backward(grad_out, q, k, v, out, lse, window, scale, segments)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, window, scale):
+def _(grad_out, q, k, v, out, lse, window, scale, segments=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, window, scale = inputs
+    q, k, v, window, scale, segments = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)  # an internal statistic for the backward
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, segments)
     ctx.window, ctx.scale = window, scale
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, segments = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, ctx.window, ctx.scale)
-    return dq, dk, dv, None, None
+    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, ctx.window, ctx.scale, segments)
+    return dq, dk, dv, None, None, None
 
 
 _attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def _check_segments(q: Tensor, segments) -> None:
+    if segments is None:
+        return
+    if not isinstance(segments, Tensor) or segments.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(f"causal_attention: segments must be a [B, S] = [{q.shape[0]}, {q.shape[2]}] tensor, got "
+                         f"{getattr(segments, 'shape', type(segments))}")
+    if segments.dtype not in (torch.int32, torch.int64) or segments.device != q.device:
+        raise ValueError(f"causal_attention: segments must be int32/int64 on {q.device}, got {segments.dtype} "
+                         f"on {segments.device}")
 
 
 def _check_attention(q: Tensor, k: Tensor, v: Tensor, window, scale) -> None:
@@ -118,17 +131,22 @@ def _check_attention(q: Tensor, k: Tensor, v: Tensor, window, scale) -> None:
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None,
-                     scale: float | None = None) -> Tensor:
+                     scale: float | None = None, segments: Tensor | None = None) -> Tensor:
     """Causal softmax attention, FlashAttention-2 style on the Triton path.
 
     q: (B, Hq, S, D); k, v: (B, Hkv, S, D) with Hq % Hkv == 0 (query head h uses KV head h // (Hq/Hkv)).
     window=w: query i sees keys j with i - w < j <= i. scale defaults to D ** -0.5.
+    segments: (B, S) integer document ids (packed sequences): query i sees key j only if
+    segments[b, i] == segments[b, j].
     Returns a contiguous (B, Hq, S, D) tensor of q's dtype.
     """
     _check_attention(q, k, v, window, scale)
+    _check_segments(q, segments)
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    out, _ = _attention_fwd(q, k, v, window or 0, float(scale))
+    if segments is not None:
+        segments = segments.to(torch.int32).contiguous()
+    out, _ = _attention_fwd(q, k, v, window or 0, float(scale), segments)
     return out
 
 

@@ -30,31 +30,33 @@ def _grouped(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return q.reshape(b, num_kv_heads, hq // num_kv_heads, s, d)  # (B, Hkv, G, S, D)
 
 
-def _scores(q, k, window, scale):
+def _scores(q, k, window, scale, segments=None):
     ct = compute_dtype(q.dtype)
     qg = _grouped(q.to(ct), k.shape[1])  # (B, Hkv, G, S, D)
     kf = k.to(ct).unsqueeze(2)  # (B, Hkv, 1, S, D): broadcast over the group, never repeated
     s = torch.matmul(qg, kf.transpose(-1, -2)) * scale  # (B, Hkv, G, S, S)
     mask = causal_window_mask(q.shape[2], window, q.device)
+    if segments is not None:  # (B, 1, 1, S, S): query and key in the same document
+        mask = mask & (segments[:, None, None, :, None] == segments[:, None, None, None, :])
     return s.masked_fill(~mask, float("-inf"))
 
 
-def attention_forward(q, k, v, window: int, scale: float):
-    """Returns (out like q, lse [B, Hq, S] in the compute dtype, natural log)."""
+def attention_forward(q, k, v, window: int, scale: float, segments=None):
+    """Returns (out like q, lse [B, Hq, S] in the compute dtype, natural log). segments: [B, S] int or None."""
     b, hq, s_len, d = q.shape
-    s = _scores(q, k, window, scale)
+    s = _scores(q, k, window, scale, segments)
     lse = torch.logsumexp(s, dim=-1)  # (B, Hkv, G, S)
     p = torch.exp(s - lse.unsqueeze(-1))
     out = torch.matmul(p, v.to(s.dtype).unsqueeze(2))  # (B, Hkv, G, S, D)
     return out.reshape(b, hq, s_len, d).to(q.dtype), lse.reshape(b, hq, s_len)
 
 
-def attention_backward(grad_out, q, k, v, out, lse, window: int, scale: float):
+def attention_backward(grad_out, q, k, v, out, lse, window: int, scale: float, segments=None):
     """Gradients (dq, dk, dv) from the saved logsumexp, FlashAttention-2's equations in dense form."""
     del out  # delta is taken as rowsum(P * dP), which equals rowsum(dO * O) and avoids O's rounding
     b, hq, s_len, d = q.shape
     hkv = k.shape[1]
-    s = _scores(q, k, window, scale)
+    s = _scores(q, k, window, scale, segments)
     ct = s.dtype
     p = torch.exp(s - _grouped(lse.to(ct).unsqueeze(-1), hkv))  # (B, Hkv, G, S, S)
     do = _grouped(grad_out.to(ct), hkv)  # (B, Hkv, G, S, D)

@@ -66,9 +66,9 @@ def _config(kind: str, dtype: torch.dtype, head_dim: int) -> dict:
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, lo, hi,
-               seq_len, window, qk_scale,
+               seq_len, window, qk_scale, seg_q, seg_base,
                MASK: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-               IDX: tl.constexpr):
+               IDX: tl.constexpr, HAS_SEG: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N).to(IDX)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
@@ -84,9 +84,16 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, o
         if MASK:
             diff = offs_m[:, None] - offs_n[None, :]
             visible = (diff >= 0) & (diff < window) & (offs_n[None, :] < seq_len)
+            if HAS_SEG:
+                visible = visible & (seg_q[:, None] == _key_segments(seg_base, offs_n, seq_len)[None, :])
             qk = tl.where(visible, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # A row with nothing visible yet keeps m = -inf; shift by 0 instead to avoid inf - inf.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        elif HAS_SEG:  # the causal window sees the whole tile, but documents still end inside it
+            visible = seg_q[:, None] == _key_segments(seg_base, offs_n, seq_len)[None, :]
+            qk = tl.where(visible, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -108,12 +115,18 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, o
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE,
+def _key_segments(seg_base, offs_n, seq_len):
+    return tl.load(seg_base + offs_n, mask=offs_n < seq_len, other=-1)  # -1: past the end, no document
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE, SEG,
               stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
               stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
               num_q_heads, group, seq_len, window, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr):
+              UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
+              HAS_SEG: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_q_heads).to(tl.int64)
@@ -134,6 +147,8 @@ def _attn_fwd(Q, K, V, O, LSE,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC)
+    seg_base = SEG + b * seq_len  # segments [B, S], contiguous; unused without HAS_SEG
+    seg_q = tl.load(seg_base + offs_m, mask=offs_m < seq_len, other=-2) if HAS_SEG else offs_m
 
     # Key blocks: [lo, mid) touch the window's lower edge, [mid, start_m) are fully visible to every
     # row of this block, [start_m, hi) straddle the diagonal.
@@ -142,11 +157,14 @@ def _attn_fwd(Q, K, V, O, LSE,
     mid = tl.minimum(tl.maximum(full_lo, lo), start_m)
     hi = tl.minimum(start_m + BLOCK_M, seq_len)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                               lo, mid, seq_len, window, qk_scale, True, BLOCK_N, UPCAST, PREC, IDX)
+                               lo, mid, seq_len, window, qk_scale, seg_q, seg_base,
+                               True, BLOCK_N, UPCAST, PREC, IDX, HAS_SEG)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                               mid, start_m, seq_len, window, qk_scale, False, BLOCK_N, UPCAST, PREC, IDX)
+                               mid, start_m, seq_len, window, qk_scale, seg_q, seg_base,
+                               False, BLOCK_N, UPCAST, PREC, IDX, HAS_SEG)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                               start_m, hi, seq_len, window, qk_scale, True, BLOCK_N, UPCAST, PREC, IDX)
+                               start_m, hi, seq_len, window, qk_scale, seg_q, seg_base,
+                               True, BLOCK_N, UPCAST, PREC, IDX, HAS_SEG)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows past seq_len can have l == 0
     out = acc / l_safe[:, None]
@@ -199,8 +217,16 @@ def _unit_last_stride(*tensors):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
-def attention_forward(q, k, v, window: int, scale: float):
+def _segments_arg(segments, q):
+    """(pointer tensor, HAS_SEG): int32 [B, S] contiguous document ids, or a dummy when there are none."""
+    if segments is None:
+        return torch.zeros(1, dtype=torch.int32, device=q.device), False
+    return segments.to(torch.int32).contiguous(), True
+
+
+def attention_forward(q, k, v, window: int, scale: float, segments=None):
     q, k, v = _unit_last_stride(q, k, v)
+    seg, has_seg = _segments_arg(segments, q)
     b, hq, s_len, d = q.shape
     hkv = k.shape[1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -212,15 +238,16 @@ def attention_forward(q, k, v, window: int, scale: float):
     cfg = _config("fwd", q.dtype, d)
     grid = (triton.cdiv(s_len, cfg["BLOCK_M"]), b * hq)
     _attn_fwd[grid](
-        q, k, v, out, lse, *_s(q), *_s(k), *_s(v), *_s(out),
+        q, k, v, out, lse, seg, *_s(q), *_s(k), *_s(v), *_s(out),
         hq, hq // hkv, s_len, _window_arg(window, s_len), scale * LOG2E,
-        HEAD_DIM=d, **cfg, **_flags(q.dtype),
+        HEAD_DIM=d, **cfg, **_flags(q.dtype), HAS_SEG=has_seg,
     )
     return out, lse
 
 
-def attention_backward(grad_out, q, k, v, out, lse, window: int, scale: float):
+def attention_backward(grad_out, q, k, v, out, lse, window: int, scale: float, segments=None):
     b, hq, s_len, d = q.shape
+    seg, has_seg = _segments_arg(segments, q)
     hkv = k.shape[1]
     grad_out, q, k, v, out = _unit_last_stride(grad_out, q, k, v, out)
     if q.numel() == 0:
@@ -238,19 +265,19 @@ def attention_backward(grad_out, q, k, v, out, lse, window: int, scale: float):
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     cfg = _config("dkdv", q.dtype, d)
     _attn_bwd_dkdv[(triton.cdiv(s_len, cfg["BLOCK_N"]), b * hkv)](
-        q, k, v, grad_out, lse, delta, dk, dv,
+        q, k, v, grad_out, lse, delta, dk, dv, seg,
         *_s(q), *_s(k), *_s(v), *_s(grad_out), *_s(dk), *_s(dv),
         hq, hkv, hq // hkv, s_len, w, scale * LOG2E, scale,
-        HEAD_DIM=d, **cfg, **flags,
+        HEAD_DIM=d, **cfg, **flags, HAS_SEG=has_seg,
     )
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     cfg = _config("dq", q.dtype, d)
     _attn_bwd_dq[(triton.cdiv(s_len, cfg["BLOCK_M"]), b * hq)](
-        q, k, v, grad_out, lse, delta, dq,
+        q, k, v, grad_out, lse, delta, dq, seg,
         *_s(q), *_s(k), *_s(v), *_s(grad_out), *_s(dq),
         hq, hq // hkv, s_len, w, scale * LOG2E, scale,
-        HEAD_DIM=d, **cfg, **flags,
+        HEAD_DIM=d, **cfg, **flags, HAS_SEG=has_seg,
     )
     return dq, dk, dv
 

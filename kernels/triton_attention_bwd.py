@@ -35,10 +35,15 @@ def _bwd_delta(O, DO, DELTA, stride_ob, stride_oh, stride_os, stride_db, stride_
 
 
 @triton.jit
+def _segments(seg_base, offs, seq_len, other):
+    return tl.load(seg_base + offs, mask=offs < seq_len, other=other)
+
+
+@triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_dos,
-                offs_n, offs_d, lo, hi, seq_len, window, qk_scale,
+                offs_n, offs_d, lo, hi, seq_len, window, qk_scale, seg_k, seg_base,
                 MASK: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                IDX: tl.constexpr):
+                IDX: tl.constexpr, HAS_SEG: tl.constexpr):
     offs_m0 = tl.arange(0, BLOCK_M).to(IDX)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
@@ -64,6 +69,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
             diff = offs_m[None, :] - offs_n[:, None]
             visible = (diff >= 0) & (diff < window) & (offs_m[None, :] < seq_len)
             pt = tl.where(visible, pt, 0.0)
+        if HAS_SEG:  # documents end inside any range, masked or not
+            pt = tl.where(seg_k[:, None] == _segments(seg_base, offs_m, seq_len, -2)[None, :], pt, 0.0)
         # out_dtype=<acc>.dtype: Triton < 3.8 defaults it to fp32 even for an fp64 acc (see _compat).
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC, out_dtype=dv.dtype)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)  # (BN, BM)
@@ -73,13 +80,14 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, SEG,
                    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                    stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dos,
                    stride_dkb, stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs,
                    num_q_heads, num_kv_heads, group, seq_len, window, qk_scale, sm_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr):
+                   UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
+                   HAS_SEG: tl.constexpr):
     # One program owns one key block of one KV head and sums over all query heads of its group,
     # so dk/dv need no atomics and GQA needs no repeated K/V.
     pid_n = tl.program_id(0)
@@ -99,6 +107,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
         v = v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=ACC)
+    seg_base = SEG + b * seq_len  # segments [B, S], contiguous; unused without HAS_SEG
+    seg_k = _segments(seg_base, offs_n, seq_len, -1) if HAS_SEG else offs_n
 
     # Query blocks: [start_n, diag_hi) straddle the diagonal, [diag_hi, mid) see the whole key block,
     # [mid, hi) touch the window's upper edge (or the end of the sequence).
@@ -113,13 +123,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
         row_base = (b * num_q_heads + h) * seq_len
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
                              stride_qs, stride_dos, offs_n, offs_d, start_n, diag_hi,
-                             seq_len, window, qk_scale, True, BLOCK_M, UPCAST, PREC, IDX)
+                             seq_len, window, qk_scale, seg_k, seg_base, True, BLOCK_M, UPCAST, PREC, IDX, HAS_SEG)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
                              stride_qs, stride_dos, offs_n, offs_d, diag_hi, mid,
-                             seq_len, window, qk_scale, False, BLOCK_M, UPCAST, PREC, IDX)
+                             seq_len, window, qk_scale, seg_k, seg_base, False, BLOCK_M, UPCAST, PREC, IDX, HAS_SEG)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
                              stride_qs, stride_dos, offs_n, offs_d, mid, hi,
-                             seq_len, window, qk_scale, True, BLOCK_M, UPCAST, PREC, IDX)
+                             seq_len, window, qk_scale, seg_k, seg_base, True, BLOCK_M, UPCAST, PREC, IDX, HAS_SEG)
     dk = dk * sm_scale
     tl.store(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=col_ok)
@@ -129,9 +139,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d, lo, hi,
-              seq_len, window, qk_scale,
+              seq_len, window, qk_scale, seg_q, seg_base,
               MASK: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-               IDX: tl.constexpr):
+              IDX: tl.constexpr, HAS_SEG: tl.constexpr):
     offs_n0 = tl.arange(0, BLOCK_N).to(IDX)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
@@ -152,6 +162,8 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_
             diff = offs_m[:, None] - offs_n[None, :]
             visible = (diff >= 0) & (diff < window) & (offs_n[None, :] < seq_len)
             p = tl.where(visible, p, 0.0)
+        if HAS_SEG:
+            p = tl.where(seg_q[:, None] == _segments(seg_base, offs_n, seq_len, -1)[None, :], p, 0.0)
         dp = tl.dot(do, vt, input_precision=PREC)
         ds = p * (dp - delta[:, None])
         # out_dtype: as in _dkdv_inner (Triton < 3.8).
@@ -160,13 +172,14 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, SEG,
                  stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
                  stride_vb, stride_vh, stride_vs, stride_dob, stride_doh, stride_dos,
                  stride_dqb, stride_dqh, stride_dqs,
                  num_q_heads, group, seq_len, window, qk_scale, sm_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr):
+                 UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
+                 HAS_SEG: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_q_heads).to(tl.int64)
@@ -189,17 +202,19 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC)
+    seg_base = SEG + b * seq_len  # segments [B, S], contiguous; unused without HAS_SEG
+    seg_q = _segments(seg_base, offs_m, seq_len, -2) if HAS_SEG else offs_m
 
     lo = (tl.maximum(start_m - window + 1, 0) // BLOCK_N) * BLOCK_N
     full_lo = tl.cdiv(tl.maximum(start_m + BLOCK_M - window, 0), BLOCK_N) * BLOCK_N
     mid = tl.minimum(tl.maximum(full_lo, lo), start_m)
     hi = tl.minimum(start_m + BLOCK_M, seq_len)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                   lo, mid, seq_len, window, qk_scale, True, BLOCK_N, UPCAST, PREC, IDX)
+                   lo, mid, seq_len, window, qk_scale, seg_q, seg_base, True, BLOCK_N, UPCAST, PREC, IDX, HAS_SEG)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                   mid, start_m, seq_len, window, qk_scale, False, BLOCK_N, UPCAST, PREC, IDX)
+                   mid, start_m, seq_len, window, qk_scale, seg_q, seg_base, False, BLOCK_N, UPCAST, PREC, IDX, HAS_SEG)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                   start_m, hi, seq_len, window, qk_scale, True, BLOCK_N, UPCAST, PREC, IDX)
+                   start_m, hi, seq_len, window, qk_scale, seg_q, seg_base, True, BLOCK_N, UPCAST, PREC, IDX, HAS_SEG)
     dq = dq * sm_scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])

@@ -75,6 +75,15 @@ class ModelConfig(Sealable):
     # GPT-2: residual-branch output projections scaled by 1/sqrt(2 * num_layers).
     scale_residual_init: bool = True
     attention_backend: str = "sdpa"  # sdpa | eager | triton
+    compile: Optional[bool] = None  # torch.compile each block; null: on with CUDA (pretrain/model/compile.py)
+    # The LM head and cross-entropy fused, token chunk by token chunk, so the [tokens, vocab] fp32
+    # logits never exist at once (pretrain/model/fused_loss.py); false: logits, then megatron-core's loss.
+    fused_loss: bool = True
+    fused_loss_chunk: int = 512  # tokens per chunk: one chunk's fp32 logits are chunk x vocab / tp x 4 bytes
+    # Packed sequences: attention stays within a document, each ended by the token eod_token_id (the
+    # tokenizer's end-of-text id; GPT-2's is 50256). Positions stay global across documents, as Llama 3 trains.
+    document_mask: bool = False
+    eod_token_id: Optional[int] = None
     # Locally banded attention (GPT-3 sparse layers): window in tokens, applied to the layers
     # whose index is in local_attention_layers ("odd", "even", "all" or "none").
     local_window: Optional[int] = None
@@ -109,12 +118,22 @@ class ParallelConfig(Sealable):
     data: int = 1
     zero_stage: int = 0
     sequence_parallel: bool = False
-    # Gradient checkpointing: none | full (every block) | every (every k-th block).
+    # Gradient checkpointing: none | full (every block) | every (every k-th block) | selective (the
+    # attention core of every block: softmax, dropout, attention over V; Korthikanti et al. 2022).
     activation_checkpointing: str = "none"
     checkpoint_every: int = 1
     # Interleaved 1F1B (model chunks per pipeline rank). The planner models it (python -m pretrain.plan);
     # the trainer runs DeepSpeed's plain 1F1B and refuses anything but 1 until it runs interleaved schedules.
     virtual_stages: int = 1
+    # Communication overlap (DeepSpeed ZeRO >= 1): reduce gradients in buckets while the backward still
+    # runs (overlap_comm), into one contiguous buffer (contiguous_gradients); bucket sizes in elements.
+    # megatron-core's column-parallel linears always overlap their input-gradient all-reduce with the
+    # weight-gradient matmul; `pretrain.train` sets CUDA_DEVICE_MAX_CONNECTIONS=1 for TP > 1 so on GPUs
+    # the overlap holds. The GPU example plans turn these on.
+    overlap_comm: bool = False
+    contiguous_gradients: bool = False
+    reduce_bucket_size: int = 500_000_000
+    allgather_bucket_size: int = 500_000_000
     # A collective that waits longer than this fails the job (a hung or dead rank) instead of
     # holding the allocation; raise it when a first step or a checkpoint save is slower.
     timeout_minutes: float = 30.0

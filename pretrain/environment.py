@@ -29,3 +29,14 @@ def adopt_slurm_tasks() -> None:
 def world_size_from_env() -> int:
     adopt_slurm_tasks()
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def serialize_device_connections(tensor_parallel: int) -> None:
+    """CUDA_DEVICE_MAX_CONNECTIONS=1 for TP > 1, before anything creates a CUDA context.
+
+    With one hardware queue the GPU runs kernels in launch order, so the TP all-reduce megatron-core
+    issues before the weight-gradient matmul starts first and overlaps it (Megatron-LM's rule). A
+    value the user exported is kept; without CUDA the variable means nothing.
+    """
+    if tensor_parallel > 1:
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")

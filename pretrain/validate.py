@@ -26,7 +26,7 @@ _CHOICES = {
     "model.attention_backend": ("sdpa", "eager", "triton"),
     "model.local_attention_layers": ("none", "all", "odd", "even"),
     "trainer.precision": ("fp32", "bf16"),
-    "parallel.activation_checkpointing": ("none", "full", "every"),
+    "parallel.activation_checkpointing": ("none", "full", "every", "selective"),
     "planner.check": ("refuse", "warn", "off"),
 }
 
@@ -65,7 +65,7 @@ def _sizes(cfg: DictConfig) -> list[str]:
     _at_least(problems, m, "model", ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
                                       "vocab_multiple", "ffn_multiple_of", "num_kv_heads", "head_dim",
                                       "ffn_hidden_size", "vocab_size"), 1)
-    _at_least(problems, par, "parallel", ("tensor", "pipeline", "data"), 1)
+    _at_least(problems, par, "parallel", ("tensor", "pipeline", "data", "reduce_bucket_size", "allgather_bucket_size"), 1)
     _at_least(problems, tr, "trainer", ("seq_length", "micro_batch_size", "global_batch_size", "grad_accum_steps",
                                          "max_steps"), 1)
     return problems
@@ -145,6 +145,10 @@ def _rules(cfg: DictConfig, world_size: int) -> list[str]:
         problems.append("model.attention_backend=triton has no attention dropout: set model.attention_dropout=0 or use sdpa")
     if m.local_window is not None and m.local_window < 1:
         problems.append(f"model.local_window={m.local_window} must be >= 1")
+    problems += _throughput_rules(m, synthetic=cfg.data.name == "synthetic")
+    if m.document_mask and pp > 1:
+        problems.append(f"model.document_mask=true with parallel.pipeline={pp}: the pipeline's stages pass only the "
+                        "hidden states on, not the documents' boundaries; use pipeline=1 or document_mask=false")
 
     for key in ("hidden_dropout", "attention_dropout"):
         if not 0 <= m[key] < 1:
@@ -185,6 +189,18 @@ def _rules(cfg: DictConfig, world_size: int) -> list[str]:
     problems += _optim_rules(cfg)
     problems += _run_rules(cfg)
     problems += eval_task_rules(cfg)  # trainer.eval_tasks* (pretrain/evaluate/taskdata.py)
+    return problems
+
+
+def _throughput_rules(m: DictConfig, synthetic: bool) -> list[str]:
+    problems: list[str] = []
+    if m.fused_loss_chunk < 1:
+        problems.append(f"model.fused_loss_chunk={m.fused_loss_chunk} must be >= 1 (tokens per chunk of the fused loss)")
+    if m.document_mask and m.eod_token_id is None and synthetic:  # prepared data brings its tokenizer's
+        problems.append("model.document_mask=true with data=synthetic needs model.eod_token_id, the token id that "
+                        "separates packed documents (prepared data sets it from its tokenizer's end-of-text token)")
+    if m.eod_token_id is not None and m.eod_token_id < 0:
+        problems.append(f"model.eod_token_id={m.eod_token_id} must be a token id (>= 0)")
     return problems
 
 

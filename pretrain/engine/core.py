@@ -51,7 +51,7 @@ def deepspeed_config(parallel: ParallelConfig, trainer: TrainerConfig, optim: Op
         "train_batch_size": trainer.micro_batch_size * grad_accum * parallel.data,
         # An infinite threshold computes the norm without clipping.
         "gradient_clipping": optim.grad_clip if optim.grad_clip > 0 else math.inf,
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage, **overlap(parallel, stage)},
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
@@ -61,6 +61,14 @@ def deepspeed_config(parallel: ParallelConfig, trainer: TrainerConfig, optim: Op
         # Accumulate gradients in fp32 (BF16_Optimizer); stages 2/3 reduce into fp32 partitions.
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     return config
+
+
+def overlap(parallel: ParallelConfig, stage: int) -> dict:
+    """DeepSpeed's ZeRO communication settings from the plan (none at stage 0: nothing is bucketed)."""
+    if stage == 0:
+        return {}
+    return {"overlap_comm": parallel.overlap_comm, "contiguous_gradients": parallel.contiguous_gradients,
+            "reduce_bucket_size": parallel.reduce_bucket_size, "allgather_bucket_size": parallel.allgather_bucket_size}
 
 
 def apply_sequence_parallel_grad_sync(model: nn.Module) -> None:

@@ -7,12 +7,15 @@ between blocks (``type:Block``), and the last stage computes the loss.
 
 from __future__ import annotations
 
+from functools import partial
+
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from torch import nn
 
 from pretrain.config import ModelConfig, ParallelConfig
 from pretrain.engine.groups import topology
 from pretrain.model import gpt
+from pretrain.model.fused_loss import fused_lm_loss
 from pretrain.model.layers import lm_loss
 
 
@@ -28,6 +31,11 @@ def _pipeline_loss(logits, labels):
     return lm_loss(logits, labels)
 
 
+def _fused_pipeline_loss(chunk: int, sequence_parallel: bool, outputs, labels):
+    hidden, weight = outputs  # the last stage's head emits both under model.fused_loss
+    return fused_lm_loss(hidden, weight, labels, chunk, sequence_parallel)
+
+
 def build_model(cfg: ModelConfig, parallel: ParallelConfig) -> nn.Module:
     """Build this rank's part of the model (weights uninitialised; see init.apply_init).
 
@@ -35,10 +43,11 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig) -> nn.Module:
     """
     if parallel.pipeline == 1:
         return gpt.build_model(cfg, parallel)
-    specs = gpt.layer_specs(cfg, gpt.megatron_config(parallel))
+    mp = gpt.megatron_config(parallel)
+    fused = partial(_fused_pipeline_loss, cfg.fused_loss_chunk, mp.sequence_parallel)
     return PipelineModule(
-        layers=[deepspeed_spec(layer) for layer in specs],
+        layers=[deepspeed_spec(layer) for layer in gpt.pipeline_specs(cfg, mp)],
         topology=topology(parallel),
-        loss_fn=_pipeline_loss,
+        loss_fn=fused if cfg.fused_loss else _pipeline_loss,
         partition_method="type:Block",
     )

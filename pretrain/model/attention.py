@@ -35,25 +35,43 @@ def causal_mask(q_len: int, k_len: int, window: Optional[int], device, offset: O
     return allowed if window is None else allowed & (j > pos - window)
 
 
-def attention(q, k, v, window: Optional[int], dropout_p: float, backend: str) -> torch.Tensor:
+def segment_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """tokens [b, s] -> int32 [b, s]: the index of each token's document in its packed row. An
+    end-of-text token belongs to the document it ends; the next token starts a new one."""
+    ends = tokens == eod
+    return (torch.cumsum(ends, dim=1, dtype=torch.int32) - ends.int()).contiguous()
+
+
+def allowed_mask(s: int, window: Optional[int], segments: Optional[torch.Tensor], device) -> torch.Tensor:
+    """bool, True where query i may attend key j: [s, s], or [b, 1, s, s] within documents when
+    ``segments`` [b, s] is given."""
+    allowed = causal_mask(s, s, window, device)
+    if segments is None:
+        return allowed
+    return allowed & (segments[:, None, :, None] == segments[:, None, None, :])
+
+
+def attention(q, k, v, window: Optional[int], dropout_p: float, backend: str,
+              segments: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``segments`` [b, s] (``segment_ids``): attend only within a document, besides causal and window."""
     if backend == "triton" and dropout_p == 0.0:
-        return _kernels().causal_attention(q.contiguous(), k.contiguous(), v.contiguous(), window=window)
+        return _kernels().causal_attention(q.contiguous(), k.contiguous(), v.contiguous(), window=window,
+                                           segments=segments)
     if backend == "eager":
-        return _eager_attention(q, k, v, window, dropout_p)
+        return _eager_attention(q, k, v, window, dropout_p, segments)
     s = q.shape[2]
-    mask = None if window is None else causal_mask(s, s, window, q.device)
+    mask = None if window is None and segments is None else allowed_mask(s, window, segments, q.device)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, enable_gqa=k.shape[1] != q.shape[1]
     )
 
 
-def _eager_attention(q, k, v, window, dropout_p):
+def _eager_attention(q, k, v, window, dropout_p, segments=None):
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5  # (b, h, s, s)
-    s = q.shape[2]
-    allowed = causal_mask(s, s, window, q.device)
+    allowed = allowed_mask(q.shape[2], window, segments, q.device)
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     probs = F.dropout(probs, dropout_p, training=dropout_p > 0.0)

@@ -9,7 +9,7 @@ same canonical names, so init, checkpoints and export do not depend on the layou
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable, Iterator, Optional
 
@@ -19,6 +19,7 @@ from torch import nn
 
 from pretrain.engine import compat
 from pretrain.config import ModelConfig, ParallelConfig
+from pretrain.model.attention import segment_ids
 from pretrain.model.layers import (
     Block,
     EmbeddingOutput,
@@ -48,6 +49,36 @@ def megatron_config(parallel: ParallelConfig, params_dtype=torch.float32) -> Mod
 
 def _tied_logits(embedding: WordEmbedding, x):
     return embedding.logits(x)
+
+
+def _weight_view(weight: nn.Parameter) -> torch.Tensor:
+    # Made inside the stage's forward: DeepSpeed's bf16 pipeline drops the gradient of a weight whose
+    # first use is in the loss function, after the forward (measured: pp2 bf16 grad norm 20% low).
+    return weight.view(weight.shape)
+
+
+def _hidden_and_tied_weight(embedding: WordEmbedding, x):
+    return x, _weight_view(embedding.word.weight)
+
+
+class HiddenOutput(OutputLayer):
+    """The untied head of a pipeline's last stage under ``model.fused_loss``: passes on the hidden states
+    and its weight, which the pipeline's loss function applies chunk by chunk."""
+
+    def forward(self, x):
+        return x, _weight_view(self.linear.weight)
+
+
+def pipeline_specs(cfg: ModelConfig, mp: ModelParallelConfig) -> list[Layer]:
+    """``layer_specs`` for DeepSpeed's pipeline. With the fused loss the head emits (hidden states,
+    output weight) and the pipeline's loss function computes logits and loss together from them."""
+    specs = layer_specs(cfg, mp)
+    if not cfg.fused_loss:
+        return specs
+    head = specs[-1]
+    if head.tied_key is not None:
+        return specs[:-1] + [replace(head, forward_fn=_hidden_and_tied_weight)]
+    return specs[:-1] + [replace(head, cls=HiddenOutput)]
 
 
 @dataclass(frozen=True)
@@ -87,32 +118,47 @@ def layer_specs(cfg: ModelConfig, mp: ModelParallelConfig) -> list[Layer]:
 
 
 class GPT(nn.Module):
-    """All layers in one process (pp == 1). forward(tokens [b, s], labels [b, s]) -> mean loss."""
+    """All layers in one process (pp == 1). forward(tokens [b, s], labels [b, s]) -> mean loss.
 
-    def __init__(self, specs: list[Layer]):
+    ``document_eod``: the end-of-text token id when attention stays within packed documents.
+    """
+
+    def __init__(self, specs: list[Layer], document_eod: Optional[int] = None):
         super().__init__()
+        self.document_eod = document_eod
         self.layers = nn.ModuleList()
         self._calls = []
         tied: dict[str, nn.Module] = {}
         for spec in specs:
             if spec.tied_key is not None and spec.tied_key in tied:
-                self._calls.append(partial(spec.forward_fn, tied[spec.tied_key]))
-                continue
-            module = spec.build()
-            if spec.tied_key is not None:
-                tied[spec.tied_key] = module
-            self.layers.append(module)
-            self._calls.append(module)
+                module = tied[spec.tied_key]
+                self._calls.append(partial(spec.forward_fn, module))
+            else:
+                module = spec.build()
+                if spec.tied_key is not None:
+                    tied[spec.tied_key] = module
+                self.layers.append(module)
+                self._calls.append(module)
+            # The last layer is the output head (held by index: an attribute would register it twice).
+            self._head_index = next(i for i, m in enumerate(self.layers) if m is module)
+
+    def _run(self, tokens: torch.Tensor, calls: list) -> torch.Tensor:
+        segments = None if self.document_eod is None else segment_ids(tokens, self.document_eod)
+        x = tokens
+        for call in calls:
+            x = call(x, segments) if isinstance(call, Block) else call(x)
+        return x
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [b, s] -> logits [s, b, vocab / tp]."""
-        x = tokens
-        for call in self._calls:
-            x = call(x)
-        return x
+        return self._run(tokens, self._calls)
 
     def forward(self, tokens, labels):
-        return lm_loss(self.logits(tokens), labels)
+        head = self.layers[self._head_index]
+        if head.fused_loss_chunk is None:
+            return lm_loss(self.logits(tokens), labels)
+        # The output layer and the loss in one pass, chunk by chunk.
+        return head.loss(self._run(tokens, self._calls[:-1]), labels)
 
 
 def build_model(cfg: ModelConfig, parallel: ParallelConfig) -> GPT:
@@ -124,7 +170,7 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig) -> GPT:
     if parallel.pipeline != 1:
         raise ValueError(f"pretrain.model.gpt.build_model builds pp == 1 only (got pipeline={parallel.pipeline}); "
                          "use pretrain.engine.pipeline.build_model")
-    return GPT(layer_specs(cfg, megatron_config(parallel)))
+    return GPT(layer_specs(cfg, megatron_config(parallel)), cfg.eod_token_id if cfg.document_mask else None)
 
 
 def canonical_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -138,8 +184,10 @@ def canonical_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int) -> None:
-    """Recompute block activations in backward: 'full' for every block, 'every' for each k-th block."""
+    """Recompute activations in backward: 'full' every block, 'every' each k-th block, 'selective' only
+    the attention core of every block (softmax, dropout, attention over V; Korthikanti et al.)."""
     for module in model.modules():
         if isinstance(module, Block):
             index = int(module.canonical_name.split(".")[1])
             module.activation_checkpoint = mode == "full" or (mode == "every" and index % every == 0)
+            module.attn.recompute_core = mode == "selective"

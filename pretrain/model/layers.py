@@ -21,6 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelConfig, ffn_hidden_size, head_dim  # noqa: F401 (re-exported)
 from pretrain.model import attention as attn_ops
+from pretrain.model.fused_loss import fused_lm_loss
+from pretrain.model.recompute import recompute
 
 
 def _no_init(weight):
@@ -89,8 +91,14 @@ class Dropout(nn.Module):
             return x
         if self.sequence_parallel:
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                return F.dropout(x, self.p, True)
-        return F.dropout(x, self.p, True)
+                return _dropout(x, self.p)
+        return _dropout(x, self.p)
+
+
+def _dropout(x, p: float):
+    # F.dropout's CPU path keeps its mask for backward in x's dtype; native_dropout draws the same
+    # mask and keeps it as bool (1 byte), as the CUDA path does.
+    return torch.native_dropout(x, p, True)[0]
 
 
 class Attention(nn.Module):
@@ -112,6 +120,7 @@ class Attention(nn.Module):
         self.window = _window_for_layer(cfg, layer_index)
         self.layer_index = layer_index
         self.kv_cache = None  # set for incremental decoding (pretrain.interop.generate); training never uses it
+        self.recompute_core = False  # selective recomputation (gpt.apply_activation_checkpointing)
         self.qkv = tensor_parallel.ColumnParallelLinear(
             cfg.hidden_size,
             kv_heads * (self.group + 2) * self.head_dim,
@@ -131,7 +140,7 @@ class Attention(nn.Module):
         )
         self.proj.weight.residual_output = True
 
-    def forward(self, x, rope: Optional[tuple[torch.Tensor, torch.Tensor]]):
+    def forward(self, x, rope: Optional[tuple[torch.Tensor, torch.Tensor]], segments: Optional[torch.Tensor] = None):
         qkv, _ = self.qkv(x)  # [s, b, kv * (g + 2) * d] (full sequence after the SP all-gather)
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.kv_heads, self.group + 2, self.head_dim)
@@ -141,19 +150,25 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = attn_ops.apply_rotary(q, k, cos.to(q.dtype), sin.to(q.dtype), self.cfg.attention_backend)
-        dropout = self.cfg.attention_dropout if self.training else 0.0
         if self.kv_cache is not None:
             past = self.kv_cache.length
             k, v = self.kv_cache.append(self.layer_index, k, v)  # (b, kv heads, past + s, d)
             out = _attention_after_prefix(q, k, v, past, self.window)
-        elif dropout > 0.0:
-            with tensor_parallel.get_cuda_rng_tracker().fork():  # heads differ per TP rank
-                out = attn_ops.attention(q, k, v, self.window, dropout, self.cfg.attention_backend)
+        elif self.recompute_core and torch.is_grad_enabled():
+            out = recompute(self._core, q, k, v, segments)
         else:
-            out = attn_ops.attention(q, k, v, self.window, 0.0, self.cfg.attention_backend)
+            out = self._core(q, k, v, segments)
         out = out.permute(2, 0, 1, 3).reshape(s, b, -1)  # (s, b, heads * d)
         out, _ = self.proj(out)
         return out
+
+    def _core(self, q, k, v, segments):
+        """softmax(q k^T / sqrt(d)) v with dropout: (b, heads, s, d) -> (b, heads, s, d); segments [b, s] or None."""
+        dropout = self.cfg.attention_dropout if self.training else 0.0
+        if dropout > 0.0:
+            with tensor_parallel.get_cuda_rng_tracker().fork():  # heads differ per TP rank
+                return attn_ops.attention(q, k, v, self.window, dropout, self.cfg.attention_backend, segments)
+        return attn_ops.attention(q, k, v, self.window, 0.0, self.cfg.attention_backend, segments)
 
 
 def _attention_after_prefix(q, k, v, past: int, window: Optional[int]) -> torch.Tensor:
@@ -235,18 +250,20 @@ class Block(nn.Module):
         cos, sin = self._rope
         return cos[past:seq], sin[past:seq]
 
-    def _forward(self, x):
+    def _forward(self, x, segments):
         rope = self._rope_tables(x)
         if self.cfg.parallel_block:
             h = self.ln1(x)
-            return x + self.dropout(self.attn(h, rope)) + self.dropout(self.mlp(h))
-        x = x + self.dropout(self.attn(self.ln1(x), rope))
+            return x + self.dropout(self.attn(h, rope, segments)) + self.dropout(self.mlp(h))
+        x = x + self.dropout(self.attn(self.ln1(x), rope, segments))
         return x + self.dropout(self.mlp(self.ln2(x)))
 
-    def forward(self, x):
+    def forward(self, x, segments: Optional[torch.Tensor] = None):
+        """x [s/tp if SP else s, b, h]; segments [b, s] (document index per token) keeps attention
+        within documents (``model.document_mask``)."""
         if self.activation_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, use_reentrant=False)
-        return self._forward(x)
+            return checkpoint(self._forward, x, segments, use_reentrant=False)
+        return self._forward(x, segments)
 
 
 class WordEmbedding(nn.Module):
@@ -262,9 +279,14 @@ class WordEmbedding(nn.Module):
             padded_vocab, cfg.hidden_size, init_method=_no_init, config=mp
         )
         self.sequence_parallel = mp.sequence_parallel
+        self.fused_loss_chunk = cfg.fused_loss_chunk if cfg.fused_loss else None
 
     def forward(self, tokens):
         return self.word(tokens)
+
+    def loss(self, x, labels):
+        """Tied output and mean loss fused (``fused_lm_loss``): x [s/tp if SP else s, b, h], labels [b, s]."""
+        return fused_lm_loss(x, self.word.weight, labels, self.fused_loss_chunk, self.sequence_parallel)
 
     def logits(self, x):
         """x: [s/tp if SP else s, b, h] -> logits [s, b, vocab/tp]."""
@@ -315,10 +337,16 @@ class OutputLayer(nn.Module):
         self.linear = tensor_parallel.ColumnParallelLinear(
             cfg.hidden_size, padded_vocab, config=mp, init_method=_no_init, bias=False, gather_output=False
         )
+        self.sequence_parallel = mp.sequence_parallel
+        self.fused_loss_chunk = cfg.fused_loss_chunk if cfg.fused_loss else None
 
     def forward(self, x):
         logits, _ = self.linear(x)
         return logits
+
+    def loss(self, x, labels):
+        """Output layer and mean loss fused (``fused_lm_loss``): x [s/tp if SP else s, b, h], labels [b, s]."""
+        return fused_lm_loss(x, self.linear.weight, labels, self.fused_loss_chunk, self.sequence_parallel)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from pretrain.engine import compat, groups
 from pretrain.engine.core import Batch, TrainEngine, apply_sequence_parallel_grad_sync, deepspeed_config
 from pretrain.errors import CheckpointError, UserError
 from pretrain.flops import model_flops_per_token, peak_flops
+from pretrain.model.compile import compile_blocks
 from pretrain.model.gpt import apply_activation_checkpointing, padded_vocab_size
 from pretrain.model.init import apply_init
 from pretrain.train import injection, rundir
@@ -110,7 +111,8 @@ def start_groups(cfg: RunConfig, run_dir: Path) -> tuple[groups.Ranks, Path]:
 
 
 def build_data(cfg: RunConfig, num_train: int, num_eval: int):
-    """(train dataset, {source: validation dataset}, tokenizer vocab size). Collective.
+    """(train dataset, {source: validation dataset}, tokenizer vocab size, end-of-text id or None
+    for synthetic tokens). Collective.
 
     Validation sets are built only when evaluation is on (trainer.eval_interval > 0).
     """
@@ -121,7 +123,7 @@ def build_data(cfg: RunConfig, num_train: int, num_eval: int):
 
         vocab = cfg.data.tokenizer.vocab_size
         valid = {"synthetic": SyntheticDataset(vocab, seq, seed + 1, num_eval)} if evaluate else {}
-        return SyntheticDataset(vocab, seq, seed, num_train), valid, vocab
+        return SyntheticDataset(vocab, seq, seed, num_train), valid, vocab, None
     from pretrain.data import DataConfigError, build_datasets, build_eval_datasets, prepare_data
 
     # Rank 0 runs (or reuses) the pipeline first; the others then find every stage cached. A bad
@@ -142,17 +144,19 @@ def build_data(cfg: RunConfig, num_train: int, num_eval: int):
         prepared = prepare_data(cfg.data)
     train, _, _ = build_datasets(prepared, cfg.data, seq_length=seq, num_samples=(num_train, 0, 0), seed=seed)
     valid = build_eval_datasets(prepared, cfg.data, seq, seed, split="valid", num_samples=num_eval) if evaluate else {}
-    return train, valid, prepared.vocab_size
+    return train, valid, prepared.vocab_size, prepared.eod_id
 
 
-def with_vocab(model: ModelConfig, vocab: int) -> ModelConfig:
-    """The model config with the tokenizer's vocabulary (a new, sealed object)."""
-    if model.vocab_size is None:
-        return seal(replace(model, vocab_size=vocab))
-    if model.vocab_size < vocab:
+def with_vocab(model: ModelConfig, vocab: int, eod: Optional[int] = None) -> ModelConfig:
+    """The model config with the tokenizer's vocabulary, and its end-of-text id where document
+    masking wants one and none was given (a new, sealed object)."""
+    if model.vocab_size is not None and model.vocab_size < vocab:
         raise ConfigError([f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's {vocab} tokens; "
                            "leave it null to take the tokenizer's size"])
-    return model
+    changes = {"vocab_size": vocab} if model.vocab_size is None else {}
+    if model.document_mask and model.eod_token_id is None and eod is not None:
+        changes["eod_token_id"] = eod
+    return seal(replace(model, **changes)) if changes else model
 
 
 def build_model(cfg: RunConfig, model_cfg: ModelConfig, faults=None, next_step=None) -> nn.Module:
@@ -167,6 +171,7 @@ def build_model(cfg: RunConfig, model_cfg: ModelConfig, faults=None, next_step=N
         apply_init_from(model, model_cfg, model_cfg.init_from)
     apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing, cfg.parallel.checkpoint_every)
     apply_sequence_parallel_grad_sync(model)
+    compile_blocks(model, model_cfg.compile)
     if faults is not None:
         faults.install_nan_losses(model, next_step)  # before the engine's own loss hook
     return model
@@ -179,8 +184,8 @@ def build_run(cfg: RunConfig, run_dir: Path, stop_request: Optional[StopRequest]
     rundir.check_run_dirs(run_dir, cfg.checkpoint.dir)  # multi-node: one directory every node sees
     schedule = BatchSchedule.from_config(cfg)
     num_eval = tr.eval_iters * tr.micro_batch_size * cfg.parallel.data
-    train_data, valid_data, vocab = build_data(cfg, schedule.train_samples, max(num_eval, 1))
-    model_cfg = with_vocab(cfg.model, vocab)
+    train_data, valid_data, vocab, eod = build_data(cfg, schedule.train_samples, max(num_eval, 1))
+    model_cfg = with_vocab(cfg.model, vocab, eod)
 
     state = TrainState()
     faults = injection.planned()

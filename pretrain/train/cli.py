@@ -23,10 +23,11 @@ entry = HydraEntry("train")
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 @entry.task
 def _main(cfg: DictConfig) -> None:
-    from pretrain.environment import world_size_from_env
+    from pretrain.environment import serialize_device_connections, world_size_from_env
     from pretrain.validate import validate
 
     validate(cfg, world_size_from_env())
+    serialize_device_connections(cfg.parallel.tensor)  # before the planner's check touches CUDA
     if cfg.data.name != "synthetic":
         from pretrain.data import validate_data_config
 
