@@ -9,18 +9,24 @@ import pytest
 from harness import child_env
 
 
-@pytest.mark.parametrize("model", ["tiny-gpt", "tiny-llama"])
-def test_step_benchmark_prints_both_rates_and_their_ratio(model, tmp_path):
+# tiny-gpt: ours compiled against transformers eager and compiled; tiny-llama: both eager only.
+@pytest.mark.parametrize("model,extra", [("tiny-gpt", ["model.compile=true"]), ("tiny-llama", ["--no-hf-compile"])])
+def test_step_benchmark_prints_every_rate_its_memory_and_the_ratios(model, extra, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "pretrain.bench.step", "--steps", "2", "--warmup", "1", f"model={model}",
-         "trainer.seq_length=32", "trainer.micro_batch_size=2", "trainer.global_batch_size=2"],
+        [sys.executable, "-m", "pretrain.bench.step", "--steps", "3", "--warmup", "1", f"model={model}",
+         "trainer.seq_length=32", "trainer.micro_batch_size=2", "trainer.global_batch_size=4", *extra],
         env=child_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    for name in ("pretrain", "transformers"):
-        assert re.search(rf"^{name}\s+\d+\s+[\d.]+\s+[\d.]+%", out, re.M), out
-    assert re.search(r"ratio pretrain / transformers: \d+\.\d+", out), out
+    names = ["pretrain", "transformers"] + ["transformers-compiled"] * ("--no-hf-compile" not in extra)
+    for name in names:
+        row = re.search(rf"^{name}\s+(\d+)\s+[\d.]+\s+[\d.]+%\s+([\d.]+)$", out, re.M)
+        assert row and float(row.group(2)) > 0, out  # tokens/s ... and the memory of its step
+        if name != "pretrain":
+            assert re.search(rf"ratio pretrain / {name}: \d+\.\d+", out), out
+    assert ("transformers-compiled" in out) == ("--no-hf-compile" not in extra), out
+    assert f"model.compile={'True' if 'model.compile=true' in extra else 'None'}" in out, out
     assert "measured matmul peak" in out
 
 
