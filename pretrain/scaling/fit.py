@@ -122,7 +122,7 @@ def optimum(params: dict, C) -> tuple[np.ndarray, np.ndarray]:
     """The compute-optimal (N_opt, D_opt) for budgets C = 6 N D under the law."""
     E, A, B, alpha, beta = (params[k] for k in PARAM_NAMES)
     C = np.asarray(C, dtype=float)
-    G = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
+    G = np.power(alpha * A / (beta * B), 1.0 / (alpha + beta))  # NaN, not complex, for an exponent <= 0
     a_exp, b_exp = beta / (alpha + beta), alpha / (alpha + beta)
     return G * (C / 6.0) ** a_exp, (C / 6.0) ** b_exp / G
 
@@ -134,7 +134,8 @@ def derived(params: dict, budgets: Sequence[float]) -> dict:
     return {
         "a_exp": beta / (alpha + beta),
         "b_exp": alpha / (alpha + beta),
-        "G": float((alpha * params["A"] / (beta * params["B"])) ** (1.0 / (alpha + beta))),
+        # np.power: a refit with an exponent <= 0 gives NaN (dropped from the intervals), not a complex G.
+        "G": float(np.power(alpha * params["A"] / (beta * params["B"]), 1.0 / (alpha + beta))),
         "at_budget": [
             {"C": float(c), "N_opt": float(n), "D_opt": float(d), "tokens_per_parameter": float(d / n),
              "loss": float(law(n, d, **params))}
