@@ -31,13 +31,13 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.bench.gpu_smoke import COMMON, NO_DROPOUT, child_env
+from pretrain.bench.children import run_logged
+from pretrain.bench.gpu_smoke import COMMON, NO_DROPOUT
 from pretrain.metrics import read_metrics
 
 PARTS = ("training", "kernels")
@@ -79,14 +79,7 @@ def train(shape: Shape, variant: str, out: Path, cuda: bool, timeout: int) -> di
     cmd = [sys.executable, "-m", "pretrain.train", *COMMON, *NO_DROPOUT, *shape.overrides, *VARIANTS[variant],
            precision, f"trainer.max_steps={shape.steps}", "optim.warmup_tokens=0", f"hydra.run.dir={run_dir}"]
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, env=child_env(cuda), cwd=out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=timeout)
-        rc, text = proc.returncode, proc.stdout
-    except subprocess.TimeoutExpired as e:
-        text = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        rc, text = 124, text + f"\n[gpu bench] timed out after {timeout} s\n"
-    log.write_text(f"$ {' '.join(cmd)}\n{text}")
+    rc, text = run_logged(cmd, cuda, out, timeout, log)
     records = [r for r in read_metrics(run_dir) if "tokens_per_s" in r] if (run_dir / "metrics.jsonl").is_file() else []
     row = {"model": shape.name, "variant": variant, "seconds": round(time.perf_counter() - t0, 1), "returncode": rc,
            "steps": len(records)}

@@ -23,7 +23,7 @@ Checks (a table row each; numbers and loss lists in the JSON). Exit status 0 whe
 
 1. install: python, torch, triton, deepspeed, megatron-core, transformers versions; CUDA, the device,
    CUDA/cuDNN/NCCL versions, bf16; apex and Transformer Engine present or not.
-2. bf16_vs_fp32: 20 steps of gpt2-124m (vocabulary 50257, 8 x 1024 tokens a step, no dropout) through
+2. bf16_vs_fp32: 20 eager steps of gpt2-124m (vocabulary 50257, 8 x 1024 tokens a step, no dropout) through
    ``python -m pretrain.train`` (one process, NCCL) in bf16 and in fp32 on the same GPU: the per-step
    losses of the two metrics.jsonl agree to 1e-2 relative (and differ: bf16 really ran).
 3. kernels: ``pytest tests/kernels`` compiled (TRITON_INTERPRET=0) against the tests' float64 references.
@@ -56,14 +56,12 @@ from dataclasses import dataclass
 from importlib import metadata, util
 from pathlib import Path
 
+from pretrain.bench.children import REPO, child_env, run_logged
 from pretrain.metrics import read_metrics
 
-REPO = Path(__file__).resolve().parents[2]  # the source checkout (site-packages for an installed wheel)
 CHECKS = ("install", "bf16", "kernels", "resume")
 BF16_LOSS_RTOL = 1e-2  # bf16 compute, fp32 masters, vs fp32 (tests/test_parity.py: 2e-2 across layouts)
 RESUME_RTOL = 1e-5  # fp32 resume vs the uninterrupted run (tests/test_resume.py: 1e-6 on CPU)
-GROUP_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",  # never
-                   "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")  # inherited by a child (tests/harness.py)
 PACKAGES = ("torch", "triton", "deepspeed", "megatron-core", "transformers", "pretrain")
 COMMON = ["data=synthetic", "logging.wandb=false", "logging.plot=false", "trainer.progress_bar=false",
           "trainer.eval_interval=0", "checkpoint.save_final=false"]
@@ -99,7 +97,7 @@ class Plan:  # the GPU plan or the CPU dry-run plan
                                      "model.hidden_dropout=0.1"), 150, KERNEL_DRY_RUN_TESTS, 150)
         return Plan(False, 20, 10, ("model=gpt2-124m", "trainer=gpu", "trainer.seq_length=1024", "trainer.micro_batch_size=8",
                                     "trainer.global_batch_size=8", "data.tokenizer.vocab_size=50257", "optim.lr=6e-4",
-                                    "optim.warmup_tokens=40960"), 300,
+                                    "optim.warmup_tokens=40960", "model.compile=false"), 300,  # bench.gpu times compile
                     ("tests/kernels", "-m", "", "-k", KERNEL_GPU_DESELECT), 420)  # -m "": the slow long sequences too
 
 
@@ -113,20 +111,6 @@ class Result:
     result = property(lambda self: "skip" if self.passed is None else ("pass" if self.passed else "FAIL"))
 
 
-def child_env(cuda: bool) -> dict:
-    """The environment of a child: no process-group coordinates, offline; DeepSpeed on CPU without CUDA."""
-    drop = (*GROUP_VARIABLES, "PRETRAIN_KERNELS_BACKEND", "TRITON_INTERPRET")  # the kernel check sets its own
-    env = {k: v for k, v in os.environ.items() if k not in drop}
-    if (REPO / "pyproject.toml").is_file():  # a source checkout: its code, not another install
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    if not cuda:
-        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
-    elif env.get("DS_ACCELERATOR") == "cpu":  # a CPU CI setting would defeat the GPU check
-        del env["DS_ACCELERATOR"]
-    env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return env
-
-
 def _tail(text: str, n: int = 6) -> str:
     return " | ".join(line.strip() for line in text.strip().splitlines()[-n:])
 
@@ -135,14 +119,7 @@ def train(name: str, overrides: list, out: Path, cuda: bool, timeout: int, log: 
     """``python -m pretrain.train`` in run dir RUNS/NAME, output in LOGS/LOG.log; (status, output, records)."""
     run_dir, log_file = out / RUNS / name, out / LOGS / f"{log or name}.log"
     cmd = [sys.executable, "-m", "pretrain.train", *COMMON, *overrides, f"hydra.run.dir={run_dir}"]
-    try:
-        proc = subprocess.run(cmd, env=child_env(cuda), cwd=out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=timeout)
-        rc, text = proc.returncode, proc.stdout
-    except subprocess.TimeoutExpired as e:
-        text = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        rc, text = 124, text + f"\n[gpu_smoke] timed out after {timeout} s\n"
-    log_file.write_text(f"$ {' '.join(cmd)}\n{text}")
+    rc, text = run_logged(cmd, cuda, out, timeout, log_file)
     records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
     return rc, text, [r for r in records if "loss" in r]
 
