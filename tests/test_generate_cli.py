@@ -147,3 +147,16 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     if sys.argv[1] == "reference":
         reference(Path(sys.argv[2]))
+
+
+def test_generating_in_process_leaves_gradients_on_for_the_caller(tmp_path):
+    """main() runs inside other programs (and this test session): no gradient switch may leak out of it,
+    even when it stops with an error after loading began."""
+    import torch
+
+    from pretrain.interop import generate
+
+    assert torch.is_grad_enabled()
+    with pytest.raises(SystemExit):
+        generate.main([str(tmp_path / "no-such-run"), "--prompt-ids", "1,2"])
+    assert torch.is_grad_enabled()

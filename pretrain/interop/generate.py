@@ -202,10 +202,10 @@ def prompt_ids(text: str, vocab_size: int) -> list[int]:
     return ids
 
 
+@torch.no_grad()  # a scope, not set_grad_enabled(False): main() also runs inside other programs (and tests)
 def _run(args) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before anything imports DeepSpeed: its warning goes to stdout
     _check_sampling(args)
-    torch.set_grad_enabled(False)
     model_cfg, model, tokenizer = load(args.model)
     if args.prompt_ids is not None:
         ids = prompt_ids(args.prompt_ids, model_cfg.vocab_size)
