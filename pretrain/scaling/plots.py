@@ -14,6 +14,17 @@ import numpy as np
 from pretrain.scaling.fit import law, optimum
 
 
+
+def _save(fig, ax, path: Path) -> Path:
+    """Legend, layout, PNG at 120 dpi; the figure closed. The path written."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
 def isoflop_groups(C, tolerance_decades: float = 0.15) -> list[list[int]]:
     """Indices of runs grouped by similar compute: sorted by log10 C, a new group wherever the gap to
     the previous run exceeds `tolerance_decades`."""
@@ -60,11 +71,7 @@ def write_plots(out: Path, N, D, L, params: dict) -> list[Path]:
         group_minima.append((c, N[best], D[best]))
     ax.set(xscale="log", xlabel="parameters N (non-embedding)", ylabel="final validation loss",
            title="IsoFLOP curves (lines: fitted law; stars: its minimum)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "isoflop.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, ax, out / "isoflop.png"))
 
     budgets = np.logspace(np.log10(C.min()) - 1, np.log10(C.max()) + 2, 200)
     n_opt, d_opt = optimum(params, budgets)
@@ -73,11 +80,7 @@ def write_plots(out: Path, N, D, L, params: dict) -> list[Path]:
     ax.plot(budgets, law(n_opt, d_opt, **params), color="C1", label="compute-optimal frontier")
     ax.axhline(params["E"], color="gray", ls="--", lw=1, label=f"E = {params['E']:.3g}")
     ax.set(xscale="log", xlabel="compute C = 6 N D (FLOPs)", ylabel="loss", title="Fitted frontier L_opt(C)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "frontier.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, ax, out / "frontier.png"))
 
     fig, ax = plt.subplots(figsize=(7, 5))
     ax.plot(budgets, n_opt, color="C0", label="N_opt(C) (fit)")
@@ -88,9 +91,5 @@ def write_plots(out: Path, N, D, L, params: dict) -> list[Path]:
         ax.scatter(gc, gd, color="C1", marker="s", label="lowest-loss run per budget: D")
     ax.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel="N (parameters), D (tokens)",
            title="Compute-optimal N and D")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "optimal.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, ax, out / "optimal.png"))
     return paths
