@@ -36,7 +36,8 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
-def _bench_ms(fn, device: str) -> float:
+def bench_ms(fn, device: str) -> float:
+    """Milliseconds of one call: triton.testing.do_bench on CUDA; on CPU (the interpreter) one timed call."""
     if device == "cpu":
         import time
 
@@ -106,7 +107,7 @@ def bench_attention(args) -> None:
                     else:
                         step = lambda fn=fn: torch.autograd.grad(fn(q, k, v), (q, k, v), do)  # noqa: E731
                     try:
-                        ms = _bench_ms(step, args.device)
+                        ms = bench_ms(step, args.device)
                     except torch.OutOfMemoryError:
                         print(f"{s:>6} {d:>4} {b:>3} {hq:>3} {hkv:>3} {mode:>8} {name:>10} {'OOM':>9}")
                         torch.cuda.empty_cache()
@@ -138,7 +139,7 @@ def bench_norm_rope(args) -> None:
         moved = 2 * x.numel() * size  # read x, write y
         for name, fn in (("triton", lambda: pk.rms_norm(x, w, 1e-5)),
                          ("torch", lambda: F.rms_norm(x, (hidden,), w, 1e-5))):
-            ms = _bench_ms(fn, dev)
+            ms = bench_ms(fn, dev)
             print(f"  rms_norm fwd {tokens}x{hidden} {name:>7}: {ms:8.3f} ms {moved / ms / 1e6:8.1f} GB/s")
     for s, d in ((64, 32),) if small else ((4096, 128), (8192, 64)):
         b, hq, hkv = (1, 2, 1) if small else (4, 2048 // d, 8)
@@ -148,7 +149,7 @@ def bench_norm_rope(args) -> None:
         moved = 2 * (q.numel() + k.numel()) * size
         for name, fn in (("triton", lambda: pk.apply_rotary(q, k, cos, sin)),
                          ("torch", lambda: (reference.rotary(q, cos, sin), reference.rotary(k, cos, sin)))):
-            ms = _bench_ms(fn, dev)
+            ms = bench_ms(fn, dev)
             print(f"  rotary B{b} Hq{hq} Hkv{hkv} S{s} D{d} {name:>7}: {ms:8.3f} ms {moved / ms / 1e6:8.1f} GB/s")
 
 

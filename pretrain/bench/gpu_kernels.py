@@ -13,13 +13,13 @@ On CPU (``--smoke``) the same code runs tiny shapes in the Triton interpreter; i
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from pretrain_kernels import reference
+from pretrain_kernels.bench import bench_ms
 
 ERROR_FACTOR, ERROR_FLOOR = 2.0, 1e-3  # triton error <= 2 x SDPA's bf16 error + 1e-3
 
@@ -37,17 +37,6 @@ GPU_CASES = (AttentionCase("causal", 16, 16, 128, 0), AttentionCase("gqa", 32, 8
              AttentionCase("window", 16, 16, 128, 1024))
 SMOKE_CASES = (AttentionCase("causal", 2, 2, 32, 0), AttentionCase("gqa", 4, 2, 32, 0),
                AttentionCase("window", 2, 2, 32, 16))
-
-
-def _ms(fn, device: str) -> float:
-    if device == "cpu":  # the interpreter: one timed call after a warm one
-        fn()
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100))
 
 
 def _mask(seq: int, window: int, device) -> torch.Tensor:
@@ -75,7 +64,7 @@ def _outputs(fn, q, k, v, grad, window):
 
 
 def _max_error(got, want) -> float:
-    return max(float((g.double() - w).abs().max() / w.abs().max().clamp_min(1e-30)) for g, w in zip(got, want))
+    return max(float((g.detach().double() - w).abs().max() / w.abs().max().clamp_min(1e-30)) for g, w in zip(got, want))
 
 
 def check_attention(case: AttentionCase, seq: int, device: str) -> dict:
@@ -109,7 +98,7 @@ def time_attention(case: AttentionCase, seq: int, tokens: int, device: str) -> l
             else:
                 step = lambda fn=fn: torch.autograd.grad(fn(q, k, v, case.window), (q, k, v), grad)  # noqa: E731
             try:
-                timed[name] = _ms(step, device)
+                timed[name] = bench_ms(step, device)
             except torch.OutOfMemoryError:
                 timed[name] = None
                 torch.cuda.empty_cache()
@@ -126,18 +115,22 @@ def norm_rope(device: str, smoke: bool) -> list[dict]:
     """RMSNorm and rotary: GB/s against eager PyTorch, and bf16 error against float64 for both."""
     import pretrain_kernels as pk
 
+    gen = torch.Generator(device="cpu").manual_seed(0)  # the same inputs, so the same check, every run
+
+    def randn(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=gen).to(device, dtype)
+
     rows = []
     for tokens, hidden in ((64, 128),) if smoke else ((16384, 2048), (16384, 4096)):
-        x = torch.randn(tokens, hidden, device=device, dtype=torch.bfloat16)
-        w = torch.rand(hidden, device=device, dtype=torch.bfloat16)
+        x = randn(tokens, hidden)
+        w = torch.rand(hidden, generator=gen).to(device, torch.bfloat16)
         want = F.rms_norm(x.double(), (hidden,), w.double(), 1e-5)
         fns = {"triton": lambda: pk.rms_norm(x, w, 1e-5), "torch": lambda: F.rms_norm(x, (hidden,), w, 1e-5)}
         rows.append(_memory_row(f"rms_norm {tokens}x{hidden}", fns, 2 * x.numel() * 2, device, lambda y: [y], [want]))
     for seq, dim in ((64, 32),) if smoke else ((4096, 128),):
         b, hq, hkv = (1, 2, 1) if smoke else (4, 16, 8)
-        q = torch.randn(b, hq, seq, dim, device=device, dtype=torch.bfloat16)
-        k = torch.randn(b, hkv, seq, dim, device=device, dtype=torch.bfloat16)
-        cos, sin = torch.randn(seq, dim, device=device), torch.randn(seq, dim, device=device)
+        q, k = randn(b, hq, seq, dim), randn(b, hkv, seq, dim)
+        cos, sin = randn(seq, dim, dtype=torch.float32), randn(seq, dim, dtype=torch.float32)
         want = [reference.rotary(t.double(), cos.double(), sin.double()) for t in (q, k)]
         fns = {"triton": lambda: pk.apply_rotary(q, k, cos, sin),
                "torch": lambda: (reference.rotary(q, cos, sin), reference.rotary(k, cos, sin))}
@@ -148,7 +141,7 @@ def norm_rope(device: str, smoke: bool) -> list[dict]:
 
 def _memory_row(name: str, fns: dict, moved: int, device: str, outputs, want) -> dict:
     errors = {n: _max_error(outputs(fn()), want) for n, fn in fns.items()}
-    ms = {n: _ms(fn, device) for n, fn in fns.items()}
+    ms = {n: bench_ms(fn, device) for n, fn in fns.items()}
     limit = ERROR_FACTOR * errors["torch"] + ERROR_FLOOR
     return {"kernel": name, "triton_ms": ms["triton"], "torch_ms": ms["torch"],
             "triton_gbps": moved / ms["triton"] / 1e6, "torch_gbps": moved / ms["torch"] / 1e6,
