@@ -87,47 +87,50 @@ def _attention_backward(ctx, grad_out, grad_lse):
 _attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
-def _check_segments(q: Tensor, segments) -> None:
+def _check_segments(where: str, name: str, segments, q: Tensor, length: int) -> None:
     if segments is None:
         return
-    if not isinstance(segments, Tensor) or segments.shape != (q.shape[0], q.shape[2]):
-        raise ValueError(f"causal_attention: segments must be a [B, S] = [{q.shape[0]}, {q.shape[2]}] tensor, got "
+    if not isinstance(segments, Tensor) or segments.shape != (q.shape[0], length):
+        raise ValueError(f"{where}: {name} must be a [B, S] = [{q.shape[0]}, {length}] tensor, got "
                          f"{getattr(segments, 'shape', type(segments))}")
     if segments.dtype not in (torch.int32, torch.int64) or segments.device != q.device:
-        raise ValueError(f"causal_attention: segments must be int32/int64 on {q.device}, got {segments.dtype} "
+        raise ValueError(f"{where}: {name} must be int32/int64 on {q.device}, got {segments.dtype} "
                          f"on {segments.device}")
 
 
-def _check_attention(q: Tensor, k: Tensor, v: Tensor, window, scale) -> None:
+def _check_attention(q: Tensor, k: Tensor, v: Tensor, window, scale, where: str = "causal_attention",
+                     same_length: bool = True) -> None:
+    """Shapes, dtypes, layouts and options; same_length=False allows Sq != Sk (attention blocks)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4:
-            raise ValueError(f"causal_attention: {name} must be a 4-D tensor [B, H, S, D], got "
+            raise ValueError(f"{where}: {name} must be a 4-D tensor [B, H, S, D], got "
                              f"{getattr(t, 'shape', type(t))}")
         if t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"causal_attention: {name} has unsupported dtype {t.dtype}; "
+            raise ValueError(f"{where}: {name} has unsupported dtype {t.dtype}; "
                              f"expected one of {FLOAT_DTYPES}")
         if t.stride(-1) != 1:
-            raise ValueError(f"causal_attention: {name} must have a contiguous last (head) dimension, "
+            raise ValueError(f"{where}: {name} must have a contiguous last (head) dimension, "
                              f"got strides {tuple(t.stride())}; call .contiguous() first")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"causal_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"{where}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"causal_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise ValueError(f"{where}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if k.shape != v.shape:
-        raise ValueError(f"causal_attention: k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+        raise ValueError(f"{where}: k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
     b, hq, s, d = q.shape
-    if k.shape[0] != b or k.shape[2] != s or k.shape[3] != d:
-        raise ValueError(f"causal_attention: q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on "
-                         "batch, sequence length and head dim ([B, H, S, D] layout)")
+    if k.shape[0] != b or k.shape[3] != d or (same_length and k.shape[2] != s):
+        agree = "batch, sequence length and head dim" if same_length else "batch and head dim"
+        raise ValueError(f"{where}: q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on "
+                         f"{agree} ([B, H, S, D] layout)")
     hkv = k.shape[1]
     if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"causal_attention: query heads ({hq}) must be a multiple of KV heads ({hkv})")
+        raise ValueError(f"{where}: query heads ({hq}) must be a multiple of KV heads ({hkv})")
     if d not in HEAD_DIMS:
-        raise ValueError(f"causal_attention: unsupported head dim {d}; supported: {HEAD_DIMS}")
+        raise ValueError(f"{where}: unsupported head dim {d}; supported: {HEAD_DIMS}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise ValueError(f"causal_attention: window must be None or a positive int, got {window!r}")
+        raise ValueError(f"{where}: window must be None or a positive int, got {window!r}")
     if scale is not None and not isinstance(scale, (int, float)):
-        raise ValueError(f"causal_attention: scale must be None or a float, got {scale!r}")
+        raise ValueError(f"{where}: scale must be None or a float, got {scale!r}")
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = None,
@@ -141,7 +144,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, window: int | None = No
     Returns a contiguous (B, Hq, S, D) tensor of q's dtype.
     """
     _check_attention(q, k, v, window, scale)
-    _check_segments(q, segments)
+    _check_segments("causal_attention", "segments", segments, q, q.shape[2])
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if segments is not None:

@@ -69,6 +69,65 @@ def attention_backward(grad_out, q, k, v, out, lse, window: int, scale: float, s
     return dq.reshape(b, hq, s_len, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def block_mask(q_len: int, k_len: int, q_start: int, k_start: int, window: int, device: torch.device,
+               q_segments=None, k_segments=None) -> torch.Tensor:
+    """bool, True where query i (absolute position q_start + i) may attend key j (k_start + j):
+    k_pos <= q_pos, within the window (window <= 0: none), and in the same document when segments
+    ([B, Sq] and [B, Sk]) are given. [Sq, Sk], or [B, 1, 1, Sq, Sk] with segments."""
+    i = torch.arange(q_start, q_start + q_len, device=device)[:, None]
+    j = torch.arange(k_start, k_start + k_len, device=device)[None, :]
+    mask = j <= i
+    if window > 0:
+        mask = mask & (i - j < window)
+    if q_segments is not None:
+        mask = mask & (q_segments[:, None, None, :, None] == k_segments[:, None, None, None, :])
+    return mask
+
+
+def _block_scores(q, k, q_start, k_start, window, scale, q_segments, k_segments):
+    ct = compute_dtype(q.dtype)
+    qg = _grouped(q.to(ct), k.shape[1])  # (B, Hkv, G, Sq, D)
+    s = torch.matmul(qg, k.to(ct).unsqueeze(2).transpose(-1, -2)) * scale  # (B, Hkv, G, Sq, Sk)
+    mask = block_mask(q.shape[2], k.shape[2], q_start, k_start, window, q.device, q_segments, k_segments)
+    return s.masked_fill(~mask, float("-inf"))
+
+
+def attention_block_forward(q, k, v, q_start: int, k_start: int, window: int, scale: float,
+                            q_segments=None, k_segments=None):
+    """One block of a blockwise (ring) attention: queries q (B, Hq, Sq, D) at absolute positions
+    q_start.., keys/values k, v (B, Hkv, Sk, D) at k_start.. (see ``block_mask``).
+
+    Returns (out like q, lse (B, Hq, Sq) in the compute dtype): the block's own softmax output and
+    logsumexp. A query row with no visible key gets out 0 and lse -inf, so partial results merge
+    with ``lse = logaddexp(lse_a, lse_b)``, ``out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse)``.
+    """
+    b, hq, sq, d = q.shape
+    s = _block_scores(q, k, q_start, k_start, window, scale, q_segments, k_segments)
+    lse = torch.logsumexp(s, dim=-1)  # (B, Hkv, G, Sq); -inf on rows with no visible key
+    p = torch.exp(s - lse.nan_to_num(neginf=0.0).unsqueeze(-1))  # exp(-inf) = 0 on masked entries
+    out = torch.matmul(p, v.to(s.dtype).unsqueeze(2))
+    return out.reshape(b, hq, sq, d).to(q.dtype), lse.reshape(b, hq, sq)
+
+
+def attention_block_backward(grad_out, q, k, v, lse, delta, q_start: int, k_start: int, window: int,
+                             scale: float, q_segments=None, k_segments=None):
+    """One block's (dq, dk, dv) from the *merged* statistics of all blocks: lse (B, Hq, Sq), the merged
+    logsumexp, and delta (B, Hq, Sq) = rowsum(dO * O) of the merged output O (FlashAttention-2)."""
+    b, hq, sq, d = q.shape
+    hkv = k.shape[1]
+    s = _block_scores(q, k, q_start, k_start, window, scale, q_segments, k_segments)
+    ct = s.dtype
+    lse = _grouped(lse.to(ct).unsqueeze(-1), hkv).nan_to_num(neginf=0.0)
+    p = torch.exp(s - lse)  # (B, Hkv, G, Sq, Sk)
+    do = _grouped(grad_out.to(ct), hkv)
+    dv = torch.matmul(p.transpose(-1, -2), do).sum(2)
+    dp = torch.matmul(do, v.to(ct).unsqueeze(2).transpose(-1, -2))
+    ds = p * (dp - _grouped(delta.to(ct).unsqueeze(-1), hkv))
+    dq = torch.matmul(ds, k.to(ct).unsqueeze(2)) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), _grouped(q.to(ct), hkv)).sum(2) * scale
+    return dq.reshape(b, hq, sq, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 def rms_norm_forward(x, weight, eps: float):
     """Returns (y like x, rstd = 1/sqrt(mean(x^2) + eps) per row, in the compute dtype, shape x.shape[:-1])."""
     ct = compute_dtype(x.dtype)

@@ -4,6 +4,10 @@ Layouts: q [B, Hq, S, D]; k, v [B, Hkv, S, D], any strides with a unit last-dim 
 reads KV head h // (Hq // Hkv), addressed directly, so K/V are never repeated in memory. An optional
 window w restricts query i to keys i - w < j <= i.
 
+The same kernels compute one block of blockwise (ring) attention (`attention_block_forward/_backward`):
+queries at absolute positions q_start.. (Sq of them) against keys at k_start.. (Sk), the mask taken
+from the absolute positions. Plain causal attention is the block with q_start = k_start = 0, Sq = Sk.
+
 Every kernel splits its loop over the other sequence axis into three ranges so the hot middle range
 runs without masks or bounds checks: [window edge (masked), fully visible (unmasked), diagonal (masked)].
 Scores live in the log2 domain (exp2 is one instruction on GPUs); the saved logsumexp is natural-log.
@@ -18,7 +22,8 @@ import triton.language as tl
 
 from . import _backend
 from ._compat import patch_interpreter
-from .triton_attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_delta
+from .reference import compute_dtype
+from .triton_attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _bwd_delta, _query_tile_ranges
 
 patch_interpreter()  # Triton < 3.7 interpreter under NumPy >= 2.4; see _compat
 
@@ -28,7 +33,8 @@ LOG2E = 1.4426950408889634
 # MMA shapes and follow the Triton FlashAttention tutorial's A100/H100 choices; fp32/fp64 tiles are
 # halved because their operands take twice the shared memory. Tests may replace entries (smaller
 # tiles exercise more blocks per sequence under the interpreter).
-# Constraints the range logic relies on: fwd/dq BLOCK_M % BLOCK_N == 0; dkdv BLOCK_N % BLOCK_M == 0.
+# Constraints: fwd/dq BLOCK_M % BLOCK_N == 0; dkdv BLOCK_N % BLOCK_M == 0 (then the diagonal of
+# plain causal attention starts on a tile boundary and only one tile per row block straddles it).
 CONFIGS = {
     ("fwd", True): dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     ("fwd", False): dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
@@ -120,13 +126,14 @@ def _key_segments(seg_base, offs_n, seq_len):
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, O, LSE, SEG,
+def _attn_fwd(Q, K, V, O, LSE, Q_SEG, K_SEG,
               stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
               stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
-              num_q_heads, group, seq_len, window, qk_scale,
+              num_q_heads, group, seq_q, seq_k, offset, window, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               UPCAST: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, IDX: tl.constexpr,
               HAS_SEG: tl.constexpr):
+    # offset = q_start - k_start: query row i sits at key coordinate i + offset.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_q_heads).to(tl.int64)
@@ -139,7 +146,7 @@ def _attn_fwd(Q, K, V, O, LSE, SEG,
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M).to(IDX)
     offs_d = tl.arange(0, HEAD_DIM).to(IDX)
-    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=offs_m[:, None] < seq_len,
+    q = tl.load(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], mask=offs_m[:, None] < seq_q,
                 other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -147,30 +154,29 @@ def _attn_fwd(Q, K, V, O, LSE, SEG,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=ACC)
-    seg_base = SEG + b * seq_len  # segments [B, S], contiguous; unused without HAS_SEG
-    seg_q = tl.load(seg_base + offs_m, mask=offs_m < seq_len, other=-2) if HAS_SEG else offs_m
+    seg_base = K_SEG + b * seq_k  # segments [B, Sq] and [B, Sk], contiguous; unused without HAS_SEG
+    seg_q = tl.load(Q_SEG + b * seq_q + offs_m, mask=offs_m < seq_q, other=-2) if HAS_SEG else offs_m
 
-    # Key blocks: [lo, mid) touch the window's lower edge, [mid, start_m) are fully visible to every
-    # row of this block, [start_m, hi) straddle the diagonal.
-    lo = (tl.maximum(start_m - window + 1, 0) // BLOCK_N) * BLOCK_N
-    full_lo = tl.cdiv(tl.maximum(start_m + BLOCK_M - window, 0), BLOCK_N) * BLOCK_N
-    mid = tl.minimum(tl.maximum(full_lo, lo), start_m)
-    hi = tl.minimum(start_m + BLOCK_M, seq_len)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                               lo, mid, seq_len, window, qk_scale, seg_q, seg_base,
+    # Key blocks: [lo, mid) touch the window's lower edge, [mid, diag) are fully visible to every
+    # row of this block, [diag, hi) straddle the diagonal.
+    lo, mid, diag, hi = _query_tile_ranges(start_m, offset, seq_k, window, BLOCK_M, BLOCK_N)
+    rows = offs_m + offset  # query positions as key columns, for the causal/window mask
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, rows, offs_d,
+                               lo, mid, seq_k, window, qk_scale, seg_q, seg_base,
                                True, BLOCK_N, UPCAST, PREC, IDX, HAS_SEG)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                               mid, start_m, seq_len, window, qk_scale, seg_q, seg_base,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, rows, offs_d,
+                               mid, diag, seq_k, window, qk_scale, seg_q, seg_base,
                                False, BLOCK_N, UPCAST, PREC, IDX, HAS_SEG)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, offs_m, offs_d,
-                               start_m, hi, seq_len, window, qk_scale, seg_q, seg_base,
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, rows, offs_d,
+                               diag, hi, seq_k, window, qk_scale, seg_q, seg_base,
                                True, BLOCK_N, UPCAST, PREC, IDX, HAS_SEG)
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only padding rows past seq_len can have l == 0
+    # l == 0 only on rows that see no key (padding rows, or a block's masked rows): out 0, lse -inf.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = (m_i + tl.math.log2(l_safe)) / 1.4426950408889634
-    row_ok = offs_m < seq_len
-    tl.store(LSE + pid_bh.to(tl.int64) * seq_len + offs_m, lse, mask=row_ok)
+    row_ok = offs_m < seq_q
+    tl.store(LSE + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=row_ok)
     o_base = O + b * stride_ob + h * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None])
@@ -198,8 +204,11 @@ def _flags(dtype: torch.dtype) -> dict:
     )
 
 
-def _window_arg(window: int, seq_len: int) -> int:
-    return window if 0 < window < seq_len else seq_len  # seq_len: every causal key is in the window
+def _window_arg(window: int, seq_q: int, offset: int = 0) -> int:
+    """The window the kernels mask with: w, or, without one (or with one wider than every query-key
+    distance), the smallest value that keeps every causal key, so the tile ranges start at key 0."""
+    reach = max(seq_q + offset, 1)  # > q_pos - k_pos of every real query/key pair
+    return window if 0 < window < reach else reach
 
 
 def _check_grid(batch_heads: int) -> None:
@@ -217,69 +226,104 @@ def _unit_last_stride(*tensors):
     return [t if t.stride(-1) == 1 else t.contiguous() for t in tensors]
 
 
-def _segments_arg(segments, q):
-    """(pointer tensor, HAS_SEG): int32 [B, S] contiguous document ids, or a dummy when there are none."""
-    if segments is None:
-        return torch.zeros(1, dtype=torch.int32, device=q.device), False
-    return segments.to(torch.int32).contiguous(), True
+def _segments_args(q_segments, k_segments, q):
+    """(q pointer tensor, k pointer tensor, HAS_SEG): int32 [B, Sq] / [B, Sk] contiguous document ids,
+    or dummies when there are none."""
+    if q_segments is None:
+        dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+        return dummy, dummy, False
+    return q_segments.to(torch.int32).contiguous(), k_segments.to(torch.int32).contiguous(), True
 
 
-def attention_forward(q, k, v, window: int, scale: float, segments=None):
+def _forward(q, k, v, offset: int, window: int, scale: float, q_segments, k_segments):
     q, k, v = _unit_last_stride(q, k, v)
-    seg, has_seg = _segments_arg(segments, q)
-    b, hq, s_len, d = q.shape
-    hkv = k.shape[1]
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lse = torch.empty((b, hq, s_len), dtype=lse_dtype, device=q.device)
+    lse = torch.empty((b, hq, sq), dtype=compute_dtype(q.dtype), device=q.device)
     if q.numel() == 0:
         return out, lse
+    if sk == 0:  # no keys at all: every row sees none
+        return out.zero_(), lse.fill_(float("-inf"))
     _check_grid(b * hq)
+    q_seg, k_seg, has_seg = _segments_args(q_segments, k_segments, q)
     cfg = _config("fwd", q.dtype, d)
-    grid = (triton.cdiv(s_len, cfg["BLOCK_M"]), b * hq)
+    grid = (triton.cdiv(sq, cfg["BLOCK_M"]), b * hq)
     _attn_fwd[grid](
-        q, k, v, out, lse, seg, *_s(q), *_s(k), *_s(v), *_s(out),
-        hq, hq // hkv, s_len, _window_arg(window, s_len), scale * LOG2E,
+        q, k, v, out, lse, q_seg, k_seg, *_s(q), *_s(k), *_s(v), *_s(out),
+        hq, hq // hkv, sq, sk, offset, _window_arg(window, sq, offset), scale * LOG2E,
         HEAD_DIM=d, **cfg, **_flags(q.dtype), HAS_SEG=has_seg,
     )
     return out, lse
 
 
-def attention_backward(grad_out, q, k, v, out, lse, window: int, scale: float, segments=None):
-    b, hq, s_len, d = q.shape
-    seg, has_seg = _segments_arg(segments, q)
-    hkv = k.shape[1]
-    grad_out, q, k, v, out = _unit_last_stride(grad_out, q, k, v, out)
-    if q.numel() == 0:
+def _backward(grad_out, q, k, v, lse, delta, offset: int, window: int, scale: float, q_segments, k_segments):
+    """dq, dk, dv from the logsumexp and delta = rowsum(dO * O), both (B, Hq, Sq) contiguous."""
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    if q.numel() == 0 or k.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    _check_grid(b * hq)
+    q_seg, k_seg, has_seg = _segments_args(q_segments, k_segments, q)
     flags = _flags(q.dtype)
-    w = _window_arg(window, s_len)
-
-    delta = torch.empty_like(lse)
-    _bwd_delta[(triton.cdiv(s_len, 64), b * hq)](
-        out, grad_out, delta, *_s(out), *_s(grad_out), hq, s_len,
-        HEAD_DIM=d, BLOCK_M=64, ACC=flags["ACC"], IDX=flags["IDX"],
-    )
+    w = _window_arg(window, sq, offset)
 
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     cfg = _config("dkdv", q.dtype, d)
-    _attn_bwd_dkdv[(triton.cdiv(s_len, cfg["BLOCK_N"]), b * hkv)](
-        q, k, v, grad_out, lse, delta, dk, dv, seg,
+    _attn_bwd_dkdv[(triton.cdiv(sk, cfg["BLOCK_N"]), b * hkv)](
+        q, k, v, grad_out, lse, delta, dk, dv, q_seg, k_seg,
         *_s(q), *_s(k), *_s(v), *_s(grad_out), *_s(dk), *_s(dv),
-        hq, hkv, hq // hkv, s_len, w, scale * LOG2E, scale,
+        hq, hkv, hq // hkv, sq, sk, offset, w, scale * LOG2E, scale,
         HEAD_DIM=d, **cfg, **flags, HAS_SEG=has_seg,
     )
 
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     cfg = _config("dq", q.dtype, d)
-    _attn_bwd_dq[(triton.cdiv(s_len, cfg["BLOCK_M"]), b * hq)](
-        q, k, v, grad_out, lse, delta, dq, seg,
+    _attn_bwd_dq[(triton.cdiv(sq, cfg["BLOCK_M"]), b * hq)](
+        q, k, v, grad_out, lse, delta, dq, q_seg, k_seg,
         *_s(q), *_s(k), *_s(v), *_s(grad_out), *_s(dq),
-        hq, hq // hkv, s_len, w, scale * LOG2E, scale,
+        hq, hq // hkv, sq, sk, offset, w, scale * LOG2E, scale,
         HEAD_DIM=d, **cfg, **flags, HAS_SEG=has_seg,
     )
     return dq, dk, dv
+
+
+def attention_forward(q, k, v, window: int, scale: float, segments=None):
+    return _forward(q, k, v, 0, window, scale, segments, segments)
+
+
+def attention_backward(grad_out, q, k, v, out, lse, window: int, scale: float, segments=None):
+    b, hq, s_len, d = q.shape
+    grad_out, q, k, v, out = _unit_last_stride(grad_out, q, k, v, out)
+    if q.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    flags = _flags(q.dtype)
+    delta = torch.empty_like(lse)
+    _bwd_delta[(triton.cdiv(s_len, 64), b * hq)](
+        out, grad_out, delta, *_s(out), *_s(grad_out), hq, s_len,
+        HEAD_DIM=d, BLOCK_M=64, ACC=flags["ACC"], IDX=flags["IDX"],
+    )
+    return _backward(grad_out, q, k, v, lse, delta, 0, window, scale, segments, segments)
+
+
+def attention_block_forward(q, k, v, q_start: int, k_start: int, window: int, scale: float,
+                            q_segments=None, k_segments=None):
+    """One block of blockwise attention (see reference.attention_block_forward): (out like q, lse
+    (B, Hq, Sq) fp32, fp64 for fp64 inputs). Rows that see no key get out 0 and lse -inf."""
+    return _forward(q, k, v, q_start - k_start, window, scale, q_segments, k_segments)
+
+
+def attention_block_backward(grad_out, q, k, v, lse, delta, q_start: int, k_start: int, window: int,
+                             scale: float, q_segments=None, k_segments=None):
+    """One block's (dq, dk, dv) from the merged lse and delta = rowsum(dO * O_merged), (B, Hq, Sq) each."""
+    grad_out, q, k, v = _unit_last_stride(grad_out, q, k, v)
+    stat = compute_dtype(q.dtype)
+    # A row that sees no key in any block has lse -inf; exp(s - 0) on its (all masked) scores keeps
+    # inf * 0 out of the kernels, as the reference does.
+    lse = lse.to(stat).masked_fill(lse == float("-inf"), 0.0).contiguous()
+    delta = delta.to(stat).contiguous()
+    return _backward(grad_out, q, k, v, lse, delta, q_start - k_start, window, scale, q_segments, k_segments)
 
 
 def flops(batch: int, q_heads: int, seq_len: int, head_dim: int, window: int | None = None) -> dict:
