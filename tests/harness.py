@@ -1,7 +1,9 @@
 """Shared helpers for the top-level tests: launching training jobs in subprocesses."""
 
 import json
+import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +62,22 @@ def run_train(args: list, cwd: Path, nproc: int = 1, timeout: int = 900, check: 
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def series(records: list, key: str) -> list:
+    return [r[key] for r in records]
+
+
+def assert_close(got: list, want: list, rtol: float, what: str) -> None:
+    """Step by step, |got - want| <= rtol |want|, every value finite."""
+    assert len(got) == len(want), f"{what}: {len(got)} steps vs {len(want)}"
+    for step, (g, w) in enumerate(zip(got, want), start=1):
+        assert math.isfinite(g), f"{what} step {step}: {g}"
+        assert abs(g - w) <= rtol * abs(w), f"{what} step {step}: {g} vs reference {w} (rel {abs(g - w) / abs(w):.2e})"

@@ -2,11 +2,9 @@
 per-step losses and gradient norms (fp32 to 1e-5 relative, bf16 to 2e-2). bf16 tracks fp32 (loss,
 grad norm, final weights) at tolerances measured below, and training beats a frozen run."""
 
-import math
-
 import pytest
 
-from harness import FAST, run_jobs
+from harness import FAST, assert_close, run_jobs, series
 
 pytestmark = pytest.mark.distributed
 
@@ -113,15 +111,8 @@ def _weights_rel(got: dict, want: dict) -> float:
     return (num / sum(float(want[k].pow(2).sum()) for k in want)) ** 0.5
 
 
-def _series(records, key):
-    return [r[key] for r in records]
 
 
-def _assert_close(got, want, rtol, what):
-    assert len(got) == len(want), f"{what}: {len(got)} steps vs {len(want)}"
-    for step, (g, w) in enumerate(zip(got, want), start=1):
-        assert math.isfinite(g), f"{what} step {step}: {g}"
-        assert abs(g - w) <= rtol * abs(w), f"{what} step {step}: {g} vs reference {w} (rel {abs(g - w) / abs(w):.2e})"
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -130,16 +121,16 @@ def test_fp32_layout_matches_single_process(results, model, layout):
     reference = results(1)[f"{model}-single-fp32"]
     got = results(LAYOUTS[layout][0])[f"{model}-{layout}-fp32"]
     assert len(reference) == 5
-    _assert_close(_series(got, "loss"), _series(reference, "loss"), 1e-5, f"{layout} loss")
-    _assert_close(_series(got, "grad_norm"), _series(reference, "grad_norm"), 1e-5, f"{layout} grad norm")
+    assert_close(series(got, "loss"), series(reference, "loss"), 1e-5, f"{layout} loss")
+    assert_close(series(got, "grad_norm"), series(reference, "grad_norm"), 1e-5, f"{layout} grad norm")
 
 
 @pytest.mark.parametrize("layout", [name for name in PALM_LAYOUTS if name != "single"])
 def test_palm_style_layout_matches_single_process(results, layout):
     reference = results(1)["palm-single-fp32"]
     got = results(LAYOUTS[layout][0])[f"palm-{layout}-fp32"]
-    _assert_close(_series(got, "loss"), _series(reference, "loss"), 1e-5, f"palm {layout} loss")
-    _assert_close(_series(got, "grad_norm"), _series(reference, "grad_norm"), 1e-5, f"palm {layout} grad norm")
+    assert_close(series(got, "loss"), series(reference, "loss"), 1e-5, f"palm {layout} loss")
+    assert_close(series(got, "grad_norm"), series(reference, "grad_norm"), 1e-5, f"palm {layout} grad norm")
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -147,8 +138,8 @@ def test_palm_style_layout_matches_single_process(results, layout):
 def test_bf16_layout_matches_single_process(results, model, layout):
     reference = results(1)[f"{model}-single-bf16"]
     got = results(LAYOUTS[layout][0])[f"{model}-{layout}-bf16"]
-    _assert_close(_series(got, "loss"), _series(reference, "loss"), 2e-2, f"bf16 {layout} loss")
-    _assert_close(_series(got, "grad_norm"), _series(reference, "grad_norm"), 2e-2, f"bf16 {layout} grad norm")
+    assert_close(series(got, "loss"), series(reference, "loss"), 2e-2, f"bf16 {layout} loss")
+    assert_close(series(got, "grad_norm"), series(reference, "grad_norm"), 2e-2, f"bf16 {layout} grad norm")
 
 
 # Measured (tiny-gpt / tiny-llama at hidden 64, 5 steps, seed 7, CPU, single process), bf16 vs fp32:
@@ -171,8 +162,8 @@ def test_bf16_tracks_fp32(results, weights, model):
     """bf16 compute with fp32 master weights stays near the fp32 trajectory over a few steps: loss,
     grad norm and final weights, while the weights really move."""
     bf16, fp32 = results(1)[f"{model}-single-bf16"], results(1)[f"{model}-single-fp32"]
-    _assert_close(_series(bf16, "loss"), _series(fp32, "loss"), BF16_VS_FP32_LOSS_RTOL, "bf16 vs fp32 loss")
-    _assert_close(_series(bf16, "grad_norm"), _series(fp32, "grad_norm"), BF16_VS_FP32_GRAD_NORM_RTOL,
+    assert_close(series(bf16, "loss"), series(fp32, "loss"), BF16_VS_FP32_LOSS_RTOL, "bf16 vs fp32 loss")
+    assert_close(series(bf16, "grad_norm"), series(fp32, "grad_norm"), BF16_VS_FP32_GRAD_NORM_RTOL,
                   "bf16 vs fp32 grad norm")
     initial = weights(f"{model}-frozen-fp32")
     moved = _weights_rel(weights(f"{model}-single-bf16"), initial)
@@ -192,8 +183,8 @@ MIN_MEAN_LOSS_GAIN = 5e-3
 def test_training_makes_progress(results, weights):
     """Against a frozen run on the same batches: the loss must fall below it, and the weights move."""
     for model in MODELS:
-        trained = _series(results(1)[f"{model}-single-fp32"], "loss")
-        frozen = _series(results(1)[f"{model}-frozen-fp32"], "loss")
+        trained = series(results(1)[f"{model}-single-fp32"], "loss")
+        frozen = series(results(1)[f"{model}-frozen-fp32"], "loss")
         assert len(trained) == len(frozen) == 5
         assert trained[0] == frozen[0], f"{model}: step 1 must see the same weights and batch ({trained[0]} vs {frozen[0]})"
         gains = [f - t for t, f in zip(trained[1:], frozen[1:])]
@@ -222,10 +213,10 @@ def test_local_gradient_tap(results, model, layout):
             continue
         if _data_parallel(layout):
             half = results(1)[f"{model}-half-fp32"][0]["grad_norm"]
-            _assert_close([records[0]["grad_norm_local"]], [half], rtol, f"{precision} {layout} local grad (rank 0's half)")
+            assert_close([records[0]["grad_norm_local"]], [half], rtol, f"{precision} {layout} local grad (rank 0's half)")
             assert abs(records[0]["grad_norm_local"] - records[0]["grad_norm"]) > 1e-3 * half, "local must differ from global"
         else:
-            _assert_close(_series(records, "grad_norm_local"), _series(records, "grad_norm"), rtol, f"{precision} {layout} local grad")
+            assert_close(series(records, "grad_norm_local"), series(records, "grad_norm"), rtol, f"{precision} {layout} local grad")
 
 
 @pytest.mark.parametrize("model", MODELS)

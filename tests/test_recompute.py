@@ -29,11 +29,12 @@ launch; the one-process test checks that recomputed dropout draws the same mask 
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from harness import free_port
 
 S, B, H, HEADS = 64, 2, 256, 4
 
@@ -90,10 +91,6 @@ def _measure(rank: int, port: int, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +99,7 @@ def saved(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("recompute")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(_measure, args=(_free_port(), str(out)), nprocs=2, start_method="spawn")
+    mp.start_processes(_measure, args=(free_port(), str(out)), nprocs=2, start_method="spawn")
     return json.loads((out / "saved.json").read_text())
 
 
