@@ -116,6 +116,9 @@ class ParallelConfig(Sealable):
     tensor: int = 1
     pipeline: int = 1
     data: int = 1
+    # Context parallelism: each micro-batch's sequence split over this many ranks (load-balanced causal
+    # chunks, ring attention; pretrain/model/context.py). Weights are replicated over it like over data.
+    context: int = 1
     zero_stage: int = 0
     sequence_parallel: bool = False
     # Gradient checkpointing: none | full (every block) | every (every k-th block) | selective (the
@@ -137,6 +140,11 @@ class ParallelConfig(Sealable):
     # A collective that waits longer than this fails the job (a hung or dead rank) instead of
     # holding the allocation; raise it when a first step or a checkpoint save is slower.
     timeout_minutes: float = 30.0
+
+
+def world_size(parallel) -> int:
+    """Processes a plan needs: tensor x pipeline x data x context (a ParallelConfig or its DictConfig)."""
+    return parallel.tensor * parallel.pipeline * parallel.data * parallel.context
 
 
 @dataclass

@@ -65,7 +65,7 @@ def _sizes(cfg: DictConfig) -> list[str]:
     _at_least(problems, m, "model", ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
                                       "vocab_multiple", "ffn_multiple_of", "num_kv_heads", "head_dim",
                                       "ffn_hidden_size", "vocab_size"), 1)
-    _at_least(problems, par, "parallel", ("tensor", "pipeline", "data", "reduce_bucket_size", "allgather_bucket_size"), 1)
+    _at_least(problems, par, "parallel", ("tensor", "pipeline", "data", "context", "reduce_bucket_size", "allgather_bucket_size"), 1)
     _at_least(problems, tr, "trainer", ("seq_length", "micro_batch_size", "global_batch_size", "grad_accum_steps",
                                          "max_steps"), 1)
     return problems
@@ -76,19 +76,22 @@ def _rules(cfg: DictConfig, world_size: int) -> list[str]:
 
     problems: list[str] = []
     m, par, tr, opt = cfg.model, cfg.parallel, cfg.trainer, cfg.optim
-    tp, pp, dp = par.tensor, par.pipeline, par.data
+    tp, pp, dp, cp = par.tensor, par.pipeline, par.data, par.context
 
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
         if value not in choices:
             problems.append(f"{key}={value!r} is not one of {', '.join(choices)}")
 
-    if tp * pp * dp != world_size:
+    if tp * pp * dp * cp != world_size:
+        keys, sizes = "parallel.tensor * parallel.pipeline * parallel.data", f"{tp}*{pp}*{dp}"
+        if cp > 1:
+            keys, sizes = f"{keys} * parallel.context", f"{sizes}*{cp}"
         problems.append(
-            f"parallel.tensor * parallel.pipeline * parallel.data = {tp}*{pp}*{dp} = {tp * pp * dp}, but "
-            f"{world_size} process(es) were launched: launch {tp * pp * dp} (torchrun --nproc_per_node) "
-            f"or pick a parallel plan whose sizes multiply to {world_size}"
+            f"{keys} = {sizes} = {tp * pp * dp * cp}, but {world_size} process(es) were launched: launch "
+            f"{tp * pp * dp * cp} (torchrun --nproc_per_node) or pick a parallel plan whose sizes multiply to {world_size}"
         )
+    problems += _context_rules(cfg)
     if par.timeout_minutes <= 0:
         problems.append(f"parallel.timeout_minutes={par.timeout_minutes} must be positive")
     if par.zero_stage not in (0, 1, 2, 3):
@@ -189,6 +192,37 @@ def _rules(cfg: DictConfig, world_size: int) -> list[str]:
     problems += _optim_rules(cfg)
     problems += _run_rules(cfg)
     problems += eval_task_rules(cfg)  # trainer.eval_tasks* (pretrain/evaluate/taskdata.py)
+    return problems
+
+
+def _context_rules(cfg: DictConfig) -> list[str]:
+    """Context parallelism: the sequence splits into 2 x context equal chunks (each rank holds two), and
+    each rank's share splits again over TP under sequence parallelism."""
+    m, par, seq = cfg.model, cfg.parallel, cfg.trainer.seq_length
+    cp = par.context
+    if cp <= 1:
+        return []
+    problems: list[str] = []
+    if seq % (2 * cp):
+        problems.append(
+            f"trainer.seq_length={seq} is not divisible by 2 x parallel.context = {2 * cp}: context parallelism cuts "
+            f"the sequence into {2 * cp} equal chunks (two per rank, for causal load balance); use a multiple of {2 * cp}"
+        )
+    elif par.sequence_parallel and (seq // cp) % par.tensor:
+        problems.append(
+            f"trainer.seq_length={seq} / parallel.context={cp} = {seq // cp} tokens per context rank is not divisible by "
+            f"parallel.tensor={par.tensor}, which sequence parallelism splits them over; use a multiple of "
+            f"{2 * cp * par.tensor}"
+        )
+    if m.attention_dropout > 0:
+        problems.append(f"model.attention_dropout={m.attention_dropout} with parallel.context={cp}: ring attention has "
+                        "no attention dropout; set model.attention_dropout=0 or parallel.context=1")
+    from pretrain.config import head_dim
+    from pretrain_kernels import HEAD_DIMS
+
+    if head_dim(m) not in HEAD_DIMS:
+        problems.append(f"head dim {head_dim(m)} with parallel.context={cp}: ring attention's block kernels take head "
+                        f"dims {', '.join(map(str, HEAD_DIMS))}; set model.head_dim (or hidden_size / heads) to one")
     return problems
 
 

@@ -11,7 +11,7 @@ from hydra.errors import MissingConfigException
 
 from harness import REPO, child_env
 from pretrain.engine import groups as distributed
-from pretrain.config import register_configs
+from pretrain.config import register_configs, world_size
 from pretrain.model.layers import ffn_hidden_size
 from pretrain.train.trainer import Trainer
 from pretrain.validate import ConfigError, validate
@@ -68,24 +68,26 @@ def _plan_config(name):
 @pytest.mark.parametrize("name", presets("parallel"))
 def test_every_parallel_plan_validates_at_its_world_size(name):
     cfg = _plan_config(name)
-    p = cfg.parallel
-    validate(cfg, world_size=p.tensor * p.pipeline * p.data)
+    validate(cfg, world_size=world_size(cfg.parallel))
 
 
 @pytest.mark.parametrize("name", presets("parallel"))
 def test_every_parallel_plan_is_refused_at_another_world_size(name):
-    """tp * pp * dp must equal the number of launched processes: one too few, one too many, twice as
-    many (and a single process) are each refused with exactly that one problem, naming the keys, the
+    """tp * pp * dp (* cp) must equal the number of launched processes: one too few, one too many, twice
+    as many (and a single process) are each refused with exactly that one problem, naming the keys, the
     plan's sizes, the launched count and the fix."""
     cfg = _plan_config(name)
-    tp, pp, dp = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.data
-    want = tp * pp * dp
+    tp, pp, dp, cp = cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.data, cfg.parallel.context
+    want = world_size(cfg.parallel)
+    keys, sizes = "parallel.tensor * parallel.pipeline * parallel.data", f"{tp}*{pp}*{dp}"
+    if cp > 1:
+        keys, sizes = keys + " * parallel.context", f"{sizes}*{cp}"
     for world in sorted({1, want - 1, want + 1, 2 * want} - {0, want}):
         with pytest.raises(ConfigError) as err:
             validate(cfg, world_size=world)
         assert len(err.value.problems) == 1, (name, world, err.value.problems)
         message = err.value.problems[0]
-        for fragment in ("parallel.tensor * parallel.pipeline * parallel.data", f"= {tp}*{pp}*{dp} = {want}",
+        for fragment in (keys, f"= {sizes} = {want}",
                          f"{world} process(es) were launched", f"launch {want}", f"multiply to {world}"):
             assert fragment in message, f"{name} at world size {world}: {fragment!r} not in {message!r}"
 

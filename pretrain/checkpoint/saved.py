@@ -4,7 +4,7 @@ DeepSpeed's checkpoint files hold each rank's piece of the training state in tha
 TP slices, pipeline stages, ZeRO partitions of flat fp32 buffers. A checkpoint also records, for
 every model-parallel rank, how its parameters map to canonical (layout-independent) names and TP
 splits (``pretrain.engine.layout.describe``). From that, ``SavedCheckpoint`` rebuilds the full fp32
-master weights and Adam moments of every parameter, from any layout (tp, pp, dp, ZeRO 0-3, fp32 or
+master weights and Adam moments of every parameter, from any layout (tp, pp, dp, cp, ZeRO 0-3, fp32 or
 bf16), in one process without process groups. ``reshard`` and ``interop.export`` read through it.
 """
 
@@ -64,9 +64,11 @@ class SavedCheckpoint:
     def _optim_files(self, mp: int) -> list[Path]:
         files = list(self.tag_dir.glob(f"*zero_pp_rank_*_mp_rank_{mp:02d}_optim_states.pt"))
         files.sort(key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)))
-        if len(files) != self.layout["data"]:
+        # ZeRO partitions over data x context (pretrain.engine.groups); "context" is absent before CP existed.
+        ranks = self.layout["data"] * self.layout.get("context", 1)
+        if len(files) != ranks:
             raise ReshardError(f"{self.tag_dir}: {len(files)} optimizer partitions for model-parallel rank {mp}, "
-                               f"expected {self.layout['data']} (one per data-parallel rank); the checkpoint is incomplete")
+                               f"expected {ranks} (one per data x context rank); the checkpoint is incomplete")
         return files
 
     def _rank_states(self, mp: int, keys: tuple[str, ...]) -> tuple[dict[str, dict[str, torch.Tensor]], Optional[float]]:

@@ -207,6 +207,8 @@ def resume(engine: TrainEngine, directory: str, tag: Optional[str] = None) -> Op
                               "the manifest was not written by pretrain")
     if shapes is not None:  # refuse another model's checkpoint before DeepSpeed's load fails on it
         weights.check_fits(shapes, engine.shapes, Path(directory) / tag, reshard.ReshardError, reshard.FIT_ADVICE)
+    if saved is not None:
+        saved = {"context": 1, **saved}  # saved before context parallelism existed
     if saved is not None and saved != engine.layout:
         return _resume_resharded(engine, Path(directory) / tag, saved)
     client_state = engine.load(directory, tag)

@@ -25,7 +25,7 @@ from pretrain.checkpoint import safeload
 from pretrain.config import OptimConfig, ParallelConfig, TrainerConfig
 from pretrain.engine import compat, full_state
 from pretrain.engine.gate import Judge, UpdateGate
-from pretrain.engine.groups import MegatronMPU
+from pretrain.engine.groups import MegatronMPU, data_group
 from pretrain.engine.layout import describe, model_shapes
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # tokens [b, s], labels [b, s]
@@ -48,7 +48,8 @@ def deepspeed_config(parallel: ParallelConfig, trainer: TrainerConfig, optim: Op
     config = {
         "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
-        "train_batch_size": trainer.micro_batch_size * grad_accum * parallel.data,
+        # DeepSpeed counts a sequence once per context rank: its data parallelism is data x context.
+        "train_batch_size": trainer.micro_batch_size * grad_accum * parallel.data * parallel.context,
         # An infinite threshold computes the norm without clipping.
         "gradient_clipping": optim.grad_clip if optim.grad_clip > 0 else math.inf,
         "zero_optimization": {"stage": stage, **overlap(parallel, stage)},
@@ -129,6 +130,10 @@ class LocalGradTap:
     - pp > 1: the pipeline engine's ReduceGrads instruction is wrapped; when it runs, the
       parameters hold the accumulated local gradients with tied copies already summed
       (bf16: the fp32 ``_hp_grad``).
+
+    Under context parallelism each rank's gradient is that of its share of the sequences; the DP
+    rank's own gradient is their mean over the context group, taken here (one extra all-reduce of
+    the gradients per tap, only when the noise scale is logged).
     """
 
     def __init__(self, model: nn.Module, pipeline: bool, track_micro_steps: bool = False):
@@ -152,10 +157,25 @@ class LocalGradTap:
         else:
             buf.add_(grad.detach().float())
 
+    @staticmethod
+    def _over_context(grads: list[torch.Tensor], in_place: bool) -> list[torch.Tensor]:
+        """The mean of each gradient over the context-parallel group (the whole sequences'), or the
+        gradients themselves without context parallelism. Collective over the group."""
+        cp = parallel_state.get_context_parallel_world_size()
+        if cp == 1:
+            return grads
+        out = []
+        for g in grads:
+            g = g if in_place else g.detach().float().clone()
+            dist.all_reduce(g, group=parallel_state.get_context_parallel_group())
+            out.append(g.div_(cp))
+        return out
+
     def end_micro_step(self) -> None:
         """Fold one micro-step's gradient into the step's, keeping its squared norm. Collective."""
         if not self.track_micro_steps:
             return
+        self._over_context(list(self._micro.values()), in_place=True)
         self.micro_sq.append(float(model_parallel_sq_sum([g for p, g in self._micro.items() if counts_once(p)])))
         for p, g in self._micro.items():
             if p in self._buffers:
@@ -178,7 +198,7 @@ class LocalGradTap:
                 g = p.grad if g is None else g
                 if g is not None and counts_once(p):
                     grads.append(g)
-            self.value = float(model_parallel_sq_sum(grads))
+            self.value = float(model_parallel_sq_sum(self._over_context(grads, in_place=False)))
             return reduce_grads(eng, **kwargs)
 
         engine._INSTRUCTION_MAP[schedule.ReduceGrads] = read_then_reduce
@@ -192,6 +212,8 @@ class LocalGradTap:
     def finish_step(self) -> float:
         """Squared norm of the step's local gradient (mean over this rank's micro-batches). Collective."""
         if not self.pipeline:
+            if not self.track_micro_steps:  # tracked micro-steps were averaged as they ended
+                self._over_context(list(self._buffers.values()), in_place=True)
             # DeepSpeed scales each micro-step's loss by 1/accumulation already.
             self.value = float(model_parallel_sq_sum([g for p, g in self._buffers.items() if counts_once(p)]))
             self._buffers.clear()
@@ -222,6 +244,7 @@ class TrainEngine:
         """``judge(loss)``: the reason to skip the update of a step with that loss (averaged over
         micro-batches and DP), or None to apply it; without one every update is applied."""
         self.pipeline = parallel.pipeline > 1
+        self.context = parallel.context
         self.tap = LocalGradTap(model, self.pipeline, track_micro_steps=parallel.data == 1) if tap_local_grads else None
         # Around the torch optimizer's step, before DeepSpeed wraps that optimizer.
         self.gate = None if judge is None else UpdateGate(optimizer, judge)
@@ -241,7 +264,7 @@ class TrainEngine:
         self.bf16 = config["bf16"]["enabled"]
         # What a checkpoint of this engine depends on; resuming at another layout goes through reshard.py.
         self.layout = {
-            "tensor": parallel.tensor, "pipeline": parallel.pipeline, "data": parallel.data,
+            "tensor": parallel.tensor, "pipeline": parallel.pipeline, "data": parallel.data, "context": parallel.context,
             "zero_stage": self.zero_stage, "precision": "bf16" if self.bf16 else "fp32",
         }
         self.shapes = model_shapes(self.module)  # {canonical name: full shape} of the whole model
@@ -269,6 +292,7 @@ class TrainEngine:
             group["lr"] = lr
 
     def set_global_batch(self, sequences: int) -> None:
+        sequences *= self.context  # DeepSpeed's count (see deepspeed_config)
         if sequences != self.ds.train_batch_size():
             self.ds.set_train_batch_size(sequences)
 
@@ -295,8 +319,8 @@ class TrainEngine:
                 fwd_bwd += middle - start
                 total += loss.detach().float()
             loss = total / len(micro_batches)
-            dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-            loss /= parallel_state.get_data_parallel_world_size()
+            dist.all_reduce(loss, group=data_group())  # context ranks hold equal shares of the tokens
+            loss /= dist.get_world_size(data_group())
         norm = self.ds.get_global_grad_norm()
         norm = float(self._fp32_norm if norm is None else norm)
         result = StepResult(loss=float(loss), grad_norm=norm, fwd_bwd_s=fwd_bwd, optimizer_s=optimizer)
@@ -328,8 +352,8 @@ class TrainEngine:
             loss = self.ds.eval_batch(iter(micro_batches), num_micro_batches=len(micro_batches))
         else:
             loss = sum(self.ds(tokens, labels).float() for tokens, labels in micro_batches) / len(micro_batches)
-            dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
-            loss /= parallel_state.get_data_parallel_world_size()
+            dist.all_reduce(loss, group=data_group())
+            loss /= dist.get_world_size(data_group())
         self.ds.train()
         return float(loss)
 

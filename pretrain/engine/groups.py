@@ -2,8 +2,11 @@
 
 megatron-core's ``parallel_state`` (order tp-cp-ep-dp-pp) and DeepSpeed's
 ``PipeModelDataParallelTopology`` (axes pipe, data, model) lay ranks out identically: TP ranks
-are adjacent, then DP, then PP. So megatron-core's TP layers and DeepSpeed's pipeline and ZeRO
-partitioning agree on every group.
+are adjacent, then CP, then DP, then PP. DeepSpeed is not told about context parallelism: its data
+axis is megatron-core's data x context group (CP ranks hold the same weights and their gradients
+are averaged like DP's), so its ZeRO partitioning, gradient reduction and pipeline grid are those
+of ``dp x cp`` ranks. ``check_agreement`` verifies at start-up that both libraries built the same
+groups.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -46,8 +50,9 @@ def init_distributed(parallel: ParallelConfig) -> None:
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline,
-        distributed_timeout_minutes=parallel.timeout_minutes,
+        context_parallel_size=parallel.context, distributed_timeout_minutes=parallel.timeout_minutes,
     )
+    check_agreement(parallel)
 
 
 def shutdown(keep_default_group: bool = False) -> None:
@@ -61,7 +66,43 @@ def shutdown(keep_default_group: bool = False) -> None:
 
 
 def topology(parallel: ParallelConfig) -> PipeModelDataParallelTopology:
-    return PipeModelDataParallelTopology(num_pp=parallel.pipeline, num_mp=parallel.tensor, num_dp=parallel.data)
+    """DeepSpeed's grid; its data axis is data x context (see the module docstring)."""
+    return PipeModelDataParallelTopology(num_pp=parallel.pipeline, num_mp=parallel.tensor,
+                                         num_dp=parallel.data * parallel.context)
+
+
+class GroupMismatch(RuntimeError):
+    """megatron-core and DeepSpeed disagree on which ranks form a group: TP layers and ZeRO would
+    then combine different ranks' pieces. A bug, not a configuration error."""
+
+
+def check_agreement(parallel: ParallelConfig) -> None:
+    """This rank's TP, data x context and pipeline groups, as megatron-core built them, equal the
+    lines of DeepSpeed's topology through this rank. Every rank checks its own; no communication."""
+    topo = topology(parallel)
+    rank = dist.get_rank()
+    coord = topo.get_coord(rank)
+    ours = {
+        "model": parallel_state.get_tensor_model_parallel_group(),
+        "data": parallel_state.get_data_parallel_group(with_context_parallel=True),
+        "pipe": parallel_state.get_pipeline_model_parallel_group(),
+    }
+    for axis, group in ours.items():
+        fixed = {a: getattr(coord, a) for a in topo.get_axis_names() if a != axis}
+        theirs = sorted(topo.filter_match(**fixed))
+        mine = sorted(dist.get_process_group_ranks(group))
+        if mine != theirs:
+            raise GroupMismatch(f"rank {rank}: megatron-core's {axis} group is {mine} but DeepSpeed's topology "
+                                f"{topo} puts {theirs} there")
+    cp, data = parallel_state.get_context_parallel_global_ranks(), dist.get_process_group_ranks(ours["data"])
+    if len(cp) != parallel.context or not set(cp) <= set(data):
+        raise GroupMismatch(f"rank {rank}: context-parallel group {sorted(cp)} is not {parallel.context} ranks "
+                            f"inside the data x context group {sorted(data)}")
+
+
+def data_group():
+    """The ranks that hold the same weights: data x context (gradients and losses are averaged over it)."""
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
 
 @dataclass(frozen=True)
@@ -97,9 +138,11 @@ class MegatronMPU:
     get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
     get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
     get_tensor_model_parallel_src_rank = staticmethod(parallel_state.get_tensor_model_parallel_src_rank)
-    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
-    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
-    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+    # DeepSpeed's data parallelism is data x context: ZeRO partitions and averages over both.
+    get_data_parallel_rank = staticmethod(partial(parallel_state.get_data_parallel_rank, with_context_parallel=True))
+    get_data_parallel_world_size = staticmethod(
+        partial(parallel_state.get_data_parallel_world_size, with_context_parallel=True))
+    get_data_parallel_group = staticmethod(data_group)
     # Without a pipeline, the model-parallel group is the TP group.
     get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
     get_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)

@@ -14,7 +14,7 @@ from torch import nn
 
 from pretrain.config import ModelConfig, ParallelConfig
 from pretrain.engine.groups import topology
-from pretrain.model import gpt
+from pretrain.model import context, gpt
 from pretrain.model.fused_loss import fused_lm_loss
 from pretrain.model.layers import lm_loss
 
@@ -28,12 +28,12 @@ def deepspeed_spec(layer: gpt.Layer) -> LayerSpec:
 
 
 def _pipeline_loss(logits, labels):
-    return lm_loss(logits, labels)
+    return lm_loss(logits, context.shard(labels, 1))
 
 
 def _fused_pipeline_loss(chunk: int, sequence_parallel: bool, outputs, labels):
     hidden, weight = outputs  # the last stage's head emits both under model.fused_loss
-    return fused_lm_loss(hidden, weight, labels, chunk, sequence_parallel)
+    return fused_lm_loss(hidden, weight, context.shard(labels, 1), chunk, sequence_parallel)
 
 
 def build_model(cfg: ModelConfig, parallel: ParallelConfig) -> nn.Module:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from pretrain.config import compose_training
+from pretrain.config import compose_training, world_size
 from pretrain.errors import UserError, user_errors
 
 from pretrain.launch.cluster import JOB_NAME, TORCHRUN_SIGNALS, ClusterConfig, ClusterError, load_cluster, sbatch_quote
@@ -50,14 +50,14 @@ def split_overrides(args: list[str]) -> tuple[str, list[str], list[str]]:
 
 
 def layout(cfg: DictConfig, cluster: ClusterConfig) -> tuple[int, int]:
-    """(nodes, processes per node) for the config's tp x pp x dp processes."""
-    world = cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.data
+    """(nodes, processes per node) for the config's tp x pp x dp x cp processes."""
+    world = world_size(cfg.parallel)
     per_node = cluster.procs_per_node or cluster.gpus_per_node
     if not per_node:
         raise ClusterError(f"cluster {cluster.name}: set cluster.gpus_per_node or cluster.procs_per_node")
     if world % per_node and world > per_node:
         raise ClusterError(
-            f"the plan needs {world} processes (tensor x pipeline x data), not a multiple of "
+            f"the plan needs {world} processes (tensor x pipeline x data x context), not a multiple of "
             f"{per_node} per node on cluster {cluster.name}; change parallel.data or cluster.procs_per_node"
         )
     return max(1, world // per_node), min(world, per_node)
@@ -181,7 +181,7 @@ def slurm(argv: list[str]) -> int:
     layout(cfg, cluster)
     from pretrain.validate import validate
 
-    world = cfg.parallel.tensor * cfg.parallel.pipeline * cfg.parallel.data
+    world = world_size(cfg.parallel)
     validate(cfg, world)  # ConfigError: exit 2
     if cluster.gpu:
         from pretrain.plan.check import prelaunch

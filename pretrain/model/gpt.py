@@ -19,6 +19,7 @@ from torch import nn
 
 from pretrain.engine import compat
 from pretrain.config import ModelConfig, ParallelConfig
+from pretrain.model import context
 from pretrain.model.attention import segment_ids
 from pretrain.model.layers import (
     Block,
@@ -35,9 +36,10 @@ def padded_vocab_size(cfg: ModelConfig) -> int:
 
 
 def megatron_config(parallel: ParallelConfig, params_dtype=torch.float32) -> ModelParallelConfig:
-    """Only the TP settings: DeepSpeed owns the pipeline."""
+    """The TP settings (and the context size, for the record): DeepSpeed owns the pipeline and ZeRO."""
     return ModelParallelConfig(
         tensor_model_parallel_size=parallel.tensor,
+        context_parallel_size=parallel.context,
         sequence_parallel=parallel.sequence_parallel and parallel.tensor > 1,
         use_cpu_initialization=not compat.cuda_available(),
         # True so megatron-core tags TP-split weights (tensor_model_parallel, partition_dim); the
@@ -143,7 +145,8 @@ class GPT(nn.Module):
             self._head_index = next(i for i, m in enumerate(self.layers) if m is module)
 
     def _run(self, tokens: torch.Tensor, calls: list) -> torch.Tensor:
-        segments = None if self.document_eod is None else segment_ids(tokens, self.document_eod)
+        # Document ids count end-of-text tokens from the row's start: taken before the context shard.
+        segments = None if self.document_eod is None else context.shard(segment_ids(tokens, self.document_eod), 1)
         x = tokens
         for call in calls:
             x = call(x, segments) if isinstance(call, Block) else call(x)
@@ -154,7 +157,9 @@ class GPT(nn.Module):
         return self._run(tokens, self._calls)
 
     def forward(self, tokens, labels):
+        """tokens, labels [b, s]: the mean loss over this rank's tokens (its context shard)."""
         head = self.layers[self._head_index]
+        labels = context.shard(labels, 1)
         if head.fused_loss_chunk is None:
             return lm_loss(self.logits(tokens), labels)
         # The output layer and the loss in one pass, chunk by chunk.

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pretrain.config import ModelConfig, ffn_hidden_size, head_dim  # noqa: F401 (re-exported)
 from pretrain.model import attention as attn_ops
+from pretrain.model import context
 from pretrain.model.fused_loss import fused_lm_loss
 from pretrain.model.recompute import recompute
 
@@ -164,6 +165,8 @@ class Attention(nn.Module):
 
     def _core(self, q, k, v, segments):
         """softmax(q k^T / sqrt(d)) v with dropout: (b, heads, s, d) -> (b, heads, s, d); segments [b, s] or None."""
+        if context.world_size() > 1:  # validated: no attention dropout under context parallelism
+            return context.attention(q, k, v, self.window, segments, self.cfg.attention_backend)
         dropout = self.cfg.attention_dropout if self.training else 0.0
         if dropout > 0.0:
             with tensor_parallel.get_cuda_rng_tracker().fork():  # heads differ per TP rank
@@ -244,10 +247,15 @@ class Block(nn.Module):
         if self.cfg.position_embedding != "rope":
             return None
         past = 0 if self.attn.kv_cache is None else self.attn.kv_cache.length
-        seq = x.shape[0] * self._seq_factor + past
+        local = x.shape[0] * self._seq_factor  # this rank's tokens (a context shard of the sequence)
+        cp = context.world_size()
+        seq = local * cp + past
         if self._rope is None or self._rope[0].shape[0] < seq or self._rope[0].device != x.device:
             self._rope = rope_cos_sin(seq, self.attn.head_dim, self.cfg.rope_theta, x.device)
         cos, sin = self._rope
+        if cp > 1:  # the positions of this rank's two chunks
+            held = context.positions(local, x.device)
+            return cos[held], sin[held]
         return cos[past:seq], sin[past:seq]
 
     def _forward(self, x, segments):
@@ -282,7 +290,8 @@ class WordEmbedding(nn.Module):
         self.fused_loss_chunk = cfg.fused_loss_chunk if cfg.fused_loss else None
 
     def forward(self, tokens):
-        return self.word(tokens)
+        """tokens [b, s] (the full sequence; this rank's context shard is taken here)."""
+        return self.word(context.shard(tokens, 1))
 
     def loss(self, x, labels):
         """Tied output and mean loss fused (``fused_lm_loss``): x [s/tp if SP else s, b, h], labels [b, s]."""
@@ -309,9 +318,11 @@ class EmbeddingOutput(nn.Module):
         self.kv_cache = None  # incremental decoding: positions continue after the cached tokens
 
     def forward(self, x):  # x: [b, s, h]
-        if self.pos is not None:
-            start = 0 if self.kv_cache is None else self.kv_cache.length
+        if self.pos is not None and self.kv_cache is not None:
+            start = self.kv_cache.length
             x = x + self.pos(torch.arange(start, start + x.shape[1], device=x.device))
+        elif self.pos is not None:
+            x = x + self.pos(context.positions(x.shape[1], x.device))
         x = x.transpose(0, 1).contiguous()  # (s, b, h)
         if self.sequence_parallel:
             x = tensor_parallel.scatter_to_sequence_parallel_region(x)

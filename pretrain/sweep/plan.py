@@ -26,6 +26,7 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
+from pretrain.config import world_size
 from pretrain.errors import UserError
 from pretrain.sweep.config import SweepConfig, SweepConfigError, shape_name
 
@@ -148,8 +149,8 @@ def _run_problems(cfg, sweep: SweepConfig, label: str) -> list[str]:
     if tr.eval_iters < 1:
         problems.append(f"{label}: trainer.eval_iters={tr.eval_iters}: each run's final validation loss needs >= 1")
     p = cfg.parallel
-    if sweep.launcher == "basic" and p.tensor * p.pipeline * p.data != 1:
-        problems.append(f"{label}: parallel={p.name} needs {p.tensor * p.pipeline * p.data} processes, but Hydra's "
+    if sweep.launcher == "basic" and world_size(p) != 1:
+        problems.append(f"{label}: parallel={p.name} needs {world_size(p)} processes, but Hydra's "
                         "basic launcher runs each point in one process: use parallel=single, or launcher: slurm")
     return problems
 
@@ -218,7 +219,7 @@ def plan(sweep: SweepConfig) -> list[Point]:
                     continue
                 full = composer.compose(point.name, point_yaml(point, shape.settings), f"sweep point {point.name}")
                 try:  # the world size is the launcher's to provide; the rest as pretrain.train checks it
-                    validate(full, full.parallel.tensor * full.parallel.pipeline * full.parallel.data)
+                    validate(full, world_size(full.parallel))
                 except UserError as err:  # a ConfigError listing the point's problems
                     problems.append(f"{point.name}: {err}")
                     continue

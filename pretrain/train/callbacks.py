@@ -191,10 +191,10 @@ def start_logging(run) -> list[Callback]:
     (run_dir / "config.yaml").write_text(redacted_yaml(resolved))
     par = cfg.parallel
     log.info(
-        "model %s: %.2fM parameters, %.3g FLOPs/token | layout tp=%d pp=%d dp=%d zero=%d | %s | "
+        "model %s: %.2fM parameters, %.3g FLOPs/token | layout tp=%d pp=%d dp=%d cp=%d zero=%d | %s | "
         "MFU against %.3g FLOP/s per device (%s) | run dir %s",
         cfg.model.name, run.num_params / 1e6, run.flops_per_token, par.tensor, par.pipeline, par.data,
-        par.zero_stage, cfg.trainer.precision, run.peak_flops, run.peak_source, run_dir,
+        par.context, par.zero_stage, cfg.trainer.precision, run.peak_flops, run.peak_source, run_dir,
     )
     if 0 < cfg.trainer.loss_spike_factor <= 1:  # skips ordinary steps; the fault tests use it so
         log.warning("trainer.loss_spike_factor=%g skips every update whose loss is above the running mean; "
