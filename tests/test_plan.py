@@ -221,7 +221,9 @@ def test_cli_json_keys():
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert set(out["memory_gib"]) >= {"total", "weights", "grads", "optimizer", "activations", "logits", "other"}
-    assert set(out["breakdown_s"]) == {"compute", "recompute", "tp_comm", "pp_bubble", "pp_p2p", "dp_comm", "optimizer"}
+    assert set(out["breakdown_s"]) == {"compute", "recompute", "tp_comm", "cp_comm", "pp_bubble", "pp_p2p", "dp_comm",
+                                      "optimizer"}
+    assert out["breakdown_s"]["cp_comm"] == 0 and out["plan"]["context"] == 1
     for key in ("step_time_s", "tokens_per_s", "tflops_per_gpu", "mfu", "hfu"):
         assert out[key] > 0
     assert (out["plan"]["tensor"], out["plan"]["data"]) == (8, 4)

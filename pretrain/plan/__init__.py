@@ -54,10 +54,10 @@ class Prediction:
         s = self.spec
         return {
             "gpu": self.cluster.gpu.name, "gpus": s.gpus, "params": total_params(s),
-            "plan": {"tensor": s.tp, "pipeline": s.pp, "data": s.dp, "zero_stage": s.zero,
+            "plan": {"tensor": s.tp, "pipeline": s.pp, "data": s.dp, "context": s.cp, "zero_stage": s.zero,
                      "sequence_parallel": s.sp, "recompute": s.recompute, "virtual_stages": s.virtual_stages,
                      "micro_batch_size": s.micro_batch, "global_batch_size": s.global_batch,
-                     "micro_batches": s.micro_batches, "attention": s.attention},
+                     "micro_batches": s.micro_batches, "attention": s.kernel},
             "memory_gib": self.memory.gib(), "memory_stage": self.memory.stage,
             "device_memory_gib": self.cluster.gpu.memory_gib, "fits": self.fits,
             "step_time_s": round(self.time.total, 5), "tokens_per_s": round(self.tokens_per_s, 1),
@@ -71,8 +71,8 @@ def predict(spec: Spec, cluster: Cluster) -> Prediction:
     """Memory and step time of ``spec`` on ``cluster``; PlanError when the plan cannot run at all."""
     problems = spec.problems()
     if spec.gpus != cluster.gpus:
-        problems.append(f"tensor x pipeline x data = {spec.tp}x{spec.pp}x{spec.dp} = {spec.gpus} GPUs, but "
-                        f"cluster.gpus={cluster.gpus}")
+        problems.append(f"tensor x pipeline x data x context = {spec.tp}x{spec.pp}x{spec.dp}x{spec.cp} = "
+                        f"{spec.gpus} GPUs, but cluster.gpus={cluster.gpus}")
     if spec.tp > cluster.gpus_per_node:
         problems.append(f"tensor={spec.tp} exceeds the {cluster.gpus_per_node} GPUs of a node: TP needs NVLink")
     if problems:

@@ -48,6 +48,9 @@ def _changes(spec: Spec) -> list[tuple[str, Spec]]:
             out.append((f"parallel.zero_stage={stage}", spec.with_(zero=stage)))
     if spec.tp > 1 and not spec.sp:
         out.append(("parallel.sequence_parallel=true", spec.with_(sp=True)))
+    if spec.dp % 2 == 0:  # the same GPUs, each sequence over twice the ranks: activations halve
+        cp, dp = 2 * spec.cp, spec.dp // 2
+        out.append((f"parallel.context={cp} parallel.data={dp}", spec.with_(cp=cp, dp=dp)))
     micro = spec.micro_batch // 2
     while micro >= 1:
         out.append((f"trainer.micro_batch_size={micro}", spec.with_(micro_batch=micro)))

@@ -5,13 +5,15 @@ Predicts, before launch, the per-GPU memory of the most loaded GPU (the first pi
 last when the logits outweigh it) and the step time of the composed training config on a cluster.
 
   cluster.gpu=NAME       A100-40GB, A100-80GB, H100-SXM, H200, B200 (or one from cluster.file)
-  cluster.gpus=N         GPUs the run gets; the plan's tensor x pipeline x data must use them all
+  cluster.gpus=N         GPUs the run gets; the plan's tensor x pipeline x data x context must use them all
   cluster.file=PATH      a YAML adding or overriding GPUs (gpus: {NAME: {peak_flops: ..}}) and links
                          (gpus_per_node, nvlink_bw, network_bw, bytes/s per GPU)
   plan.KEY=VALUE         what the trainer config has no key for yet: virtual_stages, recompute
-                         (none|selective|full), attention (flash|materialized), grad_bytes (2|4;
-                         default 4 when trainer.precision=fp32), overlap_dp (true|false),
-                         unfused_rmsnorm (true: torch-op RMSNorm, as on CPU), vocab
+                         (none|selective|full), attention (flash|materialized), ring_attention
+                         (the block kernel when parallel.context > 1: flash with attention_backend=
+                         triton, else materialized), grad_bytes (2|4; default 4 when
+                         trainer.precision=fp32), overlap_dp (true|false), unfused_rmsnorm (true:
+                         torch-op RMSNorm, as on CPU), vocab
 
 With --search, parallel.* and trainer.micro_batch_size are searched over (the global batch, model and
 sequence stay as composed) and the five fastest plans that fit are printed; --write NAME saves the best
@@ -60,7 +62,7 @@ def table(pred: Prediction) -> str:
     d = pred.as_dict()
     p, mem, br = d["plan"], d["memory_gib"], d["breakdown_s"]
     lines = [
-        f"plan   tp={p['tensor']} pp={p['pipeline']} dp={p['data']} zero={p['zero_stage']} "
+        f"plan   tp={p['tensor']} cp={p['context']} pp={p['pipeline']} dp={p['data']} zero={p['zero_stage']} "
         f"sp={'on' if p['sequence_parallel'] else 'off'} recompute={p['recompute']} v={p['virtual_stages']} "
         f"micro={p['micro_batch_size']} x {p['micro_batches']} (global {p['global_batch_size']})",
         f"on     {d['gpus']} x {d['gpu']}   model {d['params'] / 1e9:.2f}B parameters",
@@ -117,13 +119,13 @@ def run(args) -> int:
         if args.json:
             print(json.dumps([p.as_dict() for p in top], indent=2))
         else:
-            print(f"{'rank':<5}{'tp':>3}{'pp':>4}{'dp':>5}{'zero':>5}{'sp':>4}{'recompute':>11}{'v':>3}{'micro':>6}"
-                  f"{'GiB':>8}{'step s':>9}{'tokens/s':>12}{'MFU':>7}")
+            print(f"{'rank':<5}{'tp':>3}{'cp':>4}{'pp':>4}{'dp':>5}{'zero':>5}{'sp':>4}{'recompute':>11}{'v':>3}"
+                  f"{'micro':>6}{'GiB':>8}{'step s':>9}{'tokens/s':>12}{'MFU':>7}")
             for i, p in enumerate(top, 1):
                 s = p.spec
-                print(f"{i:<5}{s.tp:>3}{s.pp:>4}{s.dp:>5}{s.zero:>5}{'on' if s.sp else 'off':>4}{s.recompute:>11}"
-                      f"{s.virtual_stages:>3}{s.micro_batch:>6}{p.memory.total / GIB:>8.1f}{p.time.total:>9.3f}"
-                      f"{p.tokens_per_s:>12,.0f}{p.mfu:>7.1%}")
+                print(f"{i:<5}{s.tp:>3}{s.cp:>4}{s.pp:>4}{s.dp:>5}{s.zero:>5}{'on' if s.sp else 'off':>4}"
+                      f"{s.recompute:>11}{s.virtual_stages:>3}{s.micro_batch:>6}{p.memory.total / GIB:>8.1f}"
+                      f"{p.time.total:>9.3f}{p.tokens_per_s:>12,.0f}{p.mfu:>7.1%}")
         if args.write:
             path = write_plan(top[0], args.write, args.out)
             print(f"wrote {path}: use it with parallel={args.write} trainer.micro_batch_size={top[0].spec.micro_batch}"

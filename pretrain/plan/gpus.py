@@ -109,8 +109,8 @@ class Cluster:
     def link(self, group: int, stride: int) -> tuple[float, float]:
         """(achieved bus bandwidth, latency) of a collective over ``group`` ranks spaced ``stride`` apart.
 
-        Ranks are laid out tensor-fastest (tp, then dp, then pp, as the trainer does), so a group stays
-        on NVLink while group * stride fits in a node; otherwise its ring crosses the network.
+        Ranks are laid out tensor-fastest (tp, then cp, then dp, then pp, as the trainer does), so a group
+        stays on NVLink while group * stride fits in a node; otherwise its ring crosses the network.
         """
         nvlink = self.nvlink_bw * self.gpu.nvlink_eff
         if group * stride <= self.gpus_per_node:
@@ -119,6 +119,16 @@ class Cluster:
         # so its bus bandwidth is k rails' worth (at most NVLink's).
         members = max(1, min(group, self.gpus_per_node // stride))
         return min(nvlink, self.network_bw * self.gpu.network_eff * members), 2 * self.gpu.latency
+
+    def hop(self, span: int) -> tuple[float, float]:
+        """(bandwidth, latency) of one point-to-point transfer between neighbours of a ring whose ranks
+        span ``span`` consecutive ranks (a context-parallel group: tp x cp). Within a node, NVLink; else
+        the hops that leave a node each run over that GPU's own NIC rail, and every ring step waits for
+        its slowest hop."""
+        nvlink = self.nvlink_bw * self.gpu.nvlink_eff
+        if span <= self.gpus_per_node:
+            return nvlink, self.gpu.latency
+        return min(nvlink, self.network_bw * self.gpu.network_eff), 2 * self.gpu.latency
 
 
 class ClusterError(UserError):

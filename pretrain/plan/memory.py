@@ -22,6 +22,21 @@ the precision (2 bf16, 4 fp32). Selective recompute drops the score part; full r
 interleaved schedule multiplies that by 1 + (p - 1)/(p v) for v virtual stages (Korthikanti section 4).
 The last stage has one micro-batch in flight but holds the logits and the loss buffer, and the final
 norm's and the LM head's inputs.
+
+Context parallelism (cp ranks per sequence, ring attention; pretrain/model/ring_attention.py):
+
+- every per-token term above (layer activations, logits and loss, the head's inputs, RoPE's cos/sin
+  tables, full recompute's layer inputs) counts the s/cp tokens a rank holds, so at fixed b they are
+  1/cp of cp = 1's. What does not shrink: model states (without ZeRO), the CUDA/NCCL overhead.
+- the score term: the ring saves only q, k, v, the output and one fp32 log-sum-exp per head and token
+  (4 a bytes, as flash attention), whichever block kernel it runs; a materialised score matrix is
+  never kept for backward. Its working set is transient, one layer at a time, and goes to ``other``:
+  the backward's fp32 dQ (4 a d per local token) and dK/dV accumulators, sent and received (2 x 2 x 4
+  x 2 a_kv d), and K/V, held and received (2 x 2 x e x 2 a_kv d), all over TP; with the reference
+  (materialised) blocks also one block's scores, c x c per head with c = s/(2 cp): the backward keeps
+  the scores, P, dP, dP - delta and dS in fp32 at once (``RING_BLOCK_SCORE_BYTES``), b a/t c^2 x 20 bytes.
+- ZeRO shards over the dp x cp ranks that hold the same weights (DeepSpeed's data-parallel group is
+  data x context); without ZeRO every context rank keeps the full states, like a data-parallel one.
 """
 
 from __future__ import annotations
@@ -29,7 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pretrain.plan.gpus import GPU
-from pretrain.plan.spec import Spec, embedding_params, layer_params
+from pretrain.plan.spec import Spec, layer_params
 
 GIB = 2.0**30
 # PyTorch's caching allocator reserves more than it allocates while activations of different sizes
@@ -40,6 +55,9 @@ FRAGMENTATION = 0.08
 # fp32 (measured): the loss writes its softmax over the fp32 logits in place, so 4.
 LOGIT_BYTES = 10
 FP32_LOGIT_BYTES = 4
+# Bytes per element of one ring block's score matrix live at once in the reference block backward
+# (kernels/reference.py attention_block_backward): fp32 scores, P, dP, dP - delta and dS.
+RING_BLOCK_SCORE_BYTES = 5 * 4
 
 
 @dataclass(frozen=True)
@@ -95,13 +113,15 @@ def element_bytes(s: Spec) -> int:
 
 
 def model_states(s: Spec, params: float) -> tuple[float, float, float]:
-    return model_state_bytes(params, s.dp, s.zero, s.grad_bytes, s.precision)
+    """ZeRO shards over every rank holding the same weights: data x context."""
+    return model_state_bytes(params, s.replicas, s.zero, s.grad_bytes, s.precision)
 
 
 def layer_activation_bytes(s: Spec, recompute: str | None = None) -> float:
-    """Bytes one layer keeps for backward for one micro-batch on one GPU (Korthikanti Table 2, generalised)."""
+    """Bytes one layer keeps for backward for one micro-batch on one GPU (Korthikanti Table 2, generalised),
+    for the s/cp tokens of each sequence this rank holds."""
     recompute = s.recompute if recompute is None else recompute
-    tokens = s.seq * s.micro_batch
+    tokens = s.local_seq * s.micro_batch
     h, d, e = s.hidden, s.head_dim, element_bytes(s)
     if recompute == "full":
         return e * tokens * h / (s.tp if s.sp else 1)
@@ -110,11 +130,13 @@ def layer_activation_bytes(s: Spec, recompute: str | None = None) -> float:
     replicated = e * (4 + (2 if s.unfused_rmsnorm else 0)) * h + masks + (8 if s.unfused_rmsnorm else 0)
     split = e * ((s.heads + 2 * s.kv_heads) * d + s.heads * d + (4 if s.swiglu else 2) * s.ffn)
     rope = 0.0
-    if s.rope:  # the rotated Q and K, and each layer's cos and sin tables (s x d, whole on every rank)
+    if s.rope:  # the rotated Q and K, and each layer's cos and sin tables (s/cp x d, whole on every TP rank)
         split += e * (s.heads + s.kv_heads) * d
-        rope = 2.0 * e * s.seq * d
+        rope = 2.0 * e * s.local_seq * d  # the positions this rank holds
     if recompute == "selective":
         scores = 0.0
+    elif s.cp > 1:
+        scores = 4.0 * s.heads  # the ring saves one fp32 log-sum-exp per head and token, whatever its blocks
     elif s.attention == "materialized":  # softmax out (+ dropout mask and output)
         scores = (2 * e + 1 if s.dropout else e) * s.heads * s.seq
     else:
@@ -147,14 +169,29 @@ def logits_bytes(s: Spec) -> float:
     """The logits and loss buffers, and the final norm's and the LM head's inputs (whole on every TP rank)."""
     per_logit = FP32_LOGIT_BYTES if s.precision == "fp32" else LOGIT_BYTES
     head = element_bytes(s) * (3 if s.unfused_rmsnorm else 2) * s.hidden + (4 if s.unfused_rmsnorm else 0)
-    return s.seq * s.micro_batch * (per_logit * s.vocab / s.tp + head)
+    return s.local_seq * s.micro_batch * (per_logit * s.vocab / s.tp + head)
+
+
+def ring_buffer_bytes(s: Spec) -> float:
+    """Ring attention's transient working set in one layer's backward (zero without CP): fp32 dQ, the
+    dK/dV accumulators sent and received, K/V held and received, and with the reference (materialised)
+    blocks one block's c x c scores per head (c = s/(2 cp)) in fp32."""
+    if s.cp == 1:
+        return 0.0
+    e, d, tokens = element_bytes(s), s.head_dim, s.local_seq * s.micro_batch
+    per_token = 4 * s.heads * d + 2 * (4 + e) * 2 * s.kv_heads * d
+    scores = 0.0
+    if s.ring_attention == "materialized":
+        chunk = s.seq // (2 * s.cp)
+        scores = RING_BLOCK_SCORE_BYTES * s.micro_batch * s.heads * chunk * chunk
+    return (tokens * per_token + scores) / s.tp
 
 
 def other_bytes(s: Spec, gpu: GPU, activations: float) -> float:
     """CUDA context, NCCL and cuBLAS workspaces, allocator slack; ZeRO-3's gathered weights (two layers,
-    the one computing and the one prefetched)."""
+    the one computing and the one prefetched); ring attention's working set."""
     gathered = 2 * element_bytes(s) * layer_params(s) / s.tp if s.zero >= 3 else 0.0
-    return gpu.overhead_gib * GIB + FRAGMENTATION * activations + gathered
+    return gpu.overhead_gib * GIB + FRAGMENTATION * activations + gathered + ring_buffer_bytes(s)
 
 
 def stage_memory(s: Spec, gpu: GPU, stage: str) -> Memory:

@@ -1,7 +1,9 @@
 """What the planner models: one ``Spec`` (model shape x training sizes x parallel plan) and its FLOPs.
 
 A ``Spec`` is built from a composed training config (``from_config``) or directly (tests, search).
-Sizes: s tokens per sequence, b sequences per micro-batch, B sequences per global batch.
+Sizes: s tokens per sequence, b sequences per micro-batch, B sequences per global batch. With context
+parallelism (cp ranks per sequence) each rank holds s/cp of every sequence's tokens (``local_seq``);
+GPUs = tp x pp x dp x cp, and B = b x m x dp (context ranks add no sequences).
 
 FLOP formulas (forward + backward, per iteration, as the sources count them; PLANNER_DATA.md):
 
@@ -55,11 +57,16 @@ class Spec:
     pp: int = 1
     dp: int = 1
     zero: int = 0
+    cp: int = 1  # context parallelism: ranks sharing each sequence (ring attention)
     sp: bool = False
     recompute: str = "none"
     virtual_stages: int = 1
     # System choices the sources differ on
     attention: str = "flash"
+    # The block kernel ring attention runs when cp > 1: "flash" (the fused Triton block kernels the ring
+    # runs on GPUs, whatever the attention backend) or "materialized" (the PyTorch reference blocks).
+    ring_attention: str = "flash"
+    attention_dropout: bool = False  # model.attention_dropout > 0: ring attention (cp > 1) has none
     grad_bytes: int = 2  # 2: bf16 gradients (ZeRO paper, DeepSpeed); 4: fp32 main grads (Megatron-LM)
     overlap_dp: bool = True  # gradient reduction overlaps the last micro-batch's backward
     precision: str = "bf16"  # bf16: 2-byte weights and activations, fp32 master; fp32: 4 bytes throughout
@@ -69,7 +76,22 @@ class Spec:
 
     @property
     def gpus(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def local_seq(self) -> int:
+        """Tokens of each sequence one context rank holds (two chunks of s/(2 cp))."""
+        return self.seq // self.cp
+
+    @property
+    def kernel(self) -> str:
+        """The attention kernel this plan runs: ``attention`` without CP, the ring's block kernel with it."""
+        return self.attention if self.cp == 1 else self.ring_attention
+
+    @property
+    def replicas(self) -> int:
+        """Ranks holding the same weights, over which ZeRO shards and gradients are reduced: dp x cp."""
+        return self.dp * self.cp
 
     @property
     def micro_batches(self) -> int:
@@ -86,6 +108,9 @@ class Spec:
             out.append(f"recompute={self.recompute!r} is not one of {', '.join(RECOMPUTE)}")
         if self.attention not in ATTENTION:
             out.append(f"plan.attention={self.attention!r} is not one of {', '.join(ATTENTION)}")
+        if self.ring_attention not in ATTENTION:
+            out.append(f"plan.ring_attention={self.ring_attention!r} is not one of {', '.join(ATTENTION)}")
+        out += self._context_problems()
         if self.heads % self.tp or self.kv_heads % self.tp or self.ffn % self.tp:
             out.append(f"tensor={self.tp} does not divide the heads ({self.heads}), KV heads ({self.kv_heads}) "
                        f"and FFN size ({self.ffn})")
@@ -101,6 +126,24 @@ class Spec:
         if self.global_batch % (self.micro_batch * self.dp):
             out.append(f"global batch {self.global_batch} is not a multiple of micro-batch x data = "
                        f"{self.micro_batch}x{self.dp}")
+        return out
+
+    def _context_problems(self) -> list[str]:
+        """The trainer's rules for context parallelism (pretrain/validate.py), in the planner's words."""
+        if self.cp < 1:
+            return [f"context={self.cp} must be at least 1"]
+        if self.cp == 1:
+            return []
+        out = []
+        if self.seq % (2 * self.cp):
+            out.append(f"seq_length={self.seq} is not divisible by 2 x context = {2 * self.cp}: context parallelism "
+                       f"cuts each sequence into {2 * self.cp} equal chunks (two per rank)")
+        elif self.sp and self.local_seq % self.tp:
+            out.append(f"seq_length / context = {self.seq}/{self.cp} = {self.local_seq} tokens per context rank is not "
+                       f"divisible by tensor={self.tp}, which sequence parallelism splits them over")
+        if self.attention_dropout:
+            out.append(f"attention dropout with context={self.cp}: ring attention has none "
+                       "(set model.attention_dropout=0 or context=1)")
         return out
 
 
@@ -163,8 +206,11 @@ def _flag(value) -> bool:
 
 def from_config(cfg, extra: dict) -> Spec:
     """The Spec of a composed training config. ``extra`` holds ``plan.*`` settings the trainer config
-    has no key for yet (virtual_stages, recompute=selective, attention, grad_bytes, unfused_rmsnorm, vocab).
-    The precision is the trainer's (``trainer.precision``); fp32 training keeps fp32 gradients (4 bytes)."""
+    has no key for yet (virtual_stages, recompute=selective, attention, ring_attention, grad_bytes,
+    unfused_rmsnorm, vocab).
+    The precision is the trainer's (``trainer.precision``); fp32 training keeps fp32 gradients (4 bytes).
+    Ring attention (``parallel.context`` > 1) runs the fused Triton block kernels on GPUs whatever the
+    attention backend (``plan.ring_attention=materialized`` plans the PyTorch reference blocks instead)."""
     from pretrain.config import ffn_hidden_size, head_dim
 
     m, par, tr = cfg.model, cfg.parallel, cfg.trainer
@@ -181,6 +227,7 @@ def from_config(cfg, extra: dict) -> Spec:
         "recompute": extra.get("recompute", recompute),
         "virtual_stages": int(extra.get("virtual_stages", _get(par, "virtual_stages", 1))),
         "attention": extra.get("attention", attention),
+        "ring_attention": extra.get("ring_attention", "flash"),
         "grad_bytes": int(extra.get("grad_bytes", 4 if precision == "fp32" else 2)),
         "overlap_dp": _flag(extra.get("overlap_dp", True)),
         "unfused_rmsnorm": _flag(extra.get("unfused_rmsnorm", False)) and m.norm == "rmsnorm",
@@ -196,7 +243,9 @@ def from_config(cfg, extra: dict) -> Spec:
         learned_positions=m.max_position_embeddings if m.position_embedding == "learned" else 0,
         rope=m.position_embedding == "rope",
         dropout=(m.hidden_dropout or 0) > 0 or (m.attention_dropout or 0) > 0,
+        attention_dropout=(m.attention_dropout or 0) > 0,
         seq=tr.seq_length, micro_batch=tr.micro_batch_size, global_batch=tr.global_batch_size,
-        tp=par.tensor, pp=par.pipeline, dp=par.data, zero=par.zero_stage, sp=bool(par.sequence_parallel),
+        tp=par.tensor, pp=par.pipeline, dp=par.data, cp=int(_get(par, "context", 1)), zero=par.zero_stage,
+        sp=bool(par.sequence_parallel),
         precision=precision, **options,
     )
