@@ -93,7 +93,7 @@ def test_resharded_resume_continues_the_uninterrupted_run(runs, target):
 def test_the_universal_form_records_the_source(runs):
     root, _ = runs
     meta = json.loads((_ckpt(root, "llama-dp2_zero2-to-single") / "step00000003" / "universal" / "meta.json").read_text())
-    assert meta["layout"] == {"tensor": 1, "pipeline": 1, "data": 2, "zero_stage": 2, "precision": "fp32"}
+    assert meta["layout"] == {"tensor": 1, "pipeline": 1, "data": 2, "context": 1, "zero_stage": 2, "precision": "fp32"}
     assert meta["train_state"]["step"] == 3 and meta["step"] == 3
 
 
