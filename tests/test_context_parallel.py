@@ -1,5 +1,5 @@
 """Context parallelism (``parallel.context``) reproduces the single process, composes with TP (and
-sequence parallelism), PP and ZeRO, keeps the noise-scale tap right, reshards its checkpoints, and
+sequence parallelism), PP and ZeRO 1-3, keeps the noise-scale tap right, reshards its checkpoints, and
 halves the activations each rank keeps.
 
 Training jobs: tiny-llama (RoPE, GQA) and tiny-gpt (learned positions, banded attention on odd
@@ -34,6 +34,9 @@ LAYOUTS = {
     "single": (1, ["parallel=single", "trainer.micro_batch_size=4"]),
     "cp2": (2, ["parallel=cp2", "trainer.micro_batch_size=4"]),
     "cp2_selective": (2, ["parallel=cp2", "trainer.micro_batch_size=4", "parallel.activation_checkpointing=selective"]),
+    # dp == 1: ZeRO partitions over the two context ranks alone.
+    "cp2_zero2": (2, ["parallel=cp2", "parallel.zero_stage=2", "trainer.micro_batch_size=4"]),
+    "cp2_zero3": (2, ["parallel=cp2", "parallel.zero_stage=3", "trainer.micro_batch_size=4"]),
     "tp2_cp2": (4, ["parallel=tp2_cp2", "trainer.micro_batch_size=4"]),
     "tp2_sp_cp2": (4, ["parallel=tp2_cp2", "parallel.sequence_parallel=true", "trainer.micro_batch_size=4"]),
     "pp2_cp2": (4, ["parallel=pp2_cp2", "trainer.micro_batch_size=2"]),
@@ -41,7 +44,7 @@ LAYOUTS = {
 }
 # model -> layouts it runs at (fp32); bf16 runs at BF16_LAYOUTS for llama.
 RUNS = {
-    "llama": ["single", "cp2", "cp2_selective", "tp2_cp2", "tp2_sp_cp2", "pp2_cp2", "cp2_dp2_zero1"],
+    "llama": ["single", "cp2", "cp2_selective", "cp2_zero2", "cp2_zero3", "tp2_cp2", "tp2_sp_cp2", "pp2_cp2", "cp2_dp2_zero1"],
     "gpt": ["single", "cp2", "tp2_cp2"],
     "docs": ["single", "cp2", "tp2_cp2"],
 }
@@ -127,7 +130,7 @@ def test_documents_cross_the_chunks(results):
     assert max(abs(a - b) / abs(b) for a, b in zip(masked, unmasked)) > 1e-3, (masked, unmasked)
 
 
-@pytest.mark.parametrize("layout", ["cp2", "tp2_cp2", "tp2_sp_cp2", "pp2_cp2"])
+@pytest.mark.parametrize("layout", ["cp2", "cp2_zero2", "cp2_zero3", "tp2_cp2", "tp2_sp_cp2", "pp2_cp2"])
 def test_local_gradient_tap_is_the_whole_sequences_gradient(results, layout):
     """dp == 1: the tap (averaged over the context group) is the step's whole gradient, every step."""
     records = results[f"llama-{layout}-fp32"]
