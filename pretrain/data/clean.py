@@ -6,7 +6,9 @@ C4 (Raffel et al. 2020) rules, as applied here:
 - pages: drop pages with "lorem ipsum" or a curly brace, and pages left with fewer than
   ``min_sentences`` sentences;
 - repeated three-sentence spans: a line holding a span of three sentences already seen in the
-  same source is removed (C4 keeps the first occurrence).
+  same source is removed (C4 keeps the first occurrence). A document made mostly of such lines
+  (``max_repeated_span_fraction`` of its characters) is a copy or near-copy of an earlier one:
+  it is left whole, its spans not recorded, and the dedup stage judges it as a document.
 """
 
 from __future__ import annotations
@@ -67,29 +69,26 @@ def clean_document(text: str, cfg: CleanConfig, seen_spans: Optional[Set[bytes]]
         if cfg.drop_curly_braces and ("{" in text or "}" in text):
             why["curly_brace"] += 1
             return None, why
-    if cfg.c4_lines or (cfg.dedup_sentence_spans and seen_spans is not None):
+    if cfg.c4_lines:
         kept = []
         for line in text.split("\n"):
             s = line.strip()
             if not s:
                 kept.append("")  # paragraph breaks survive
                 continue
-            if cfg.c4_lines:
-                if not s.endswith(_TERMINAL) or len(s.split()) < cfg.min_words_per_line:
-                    why["lines_dropped"] += 1
-                    continue
-                if _JS.search(s):
-                    why["lines_javascript"] += 1
-                    continue
-            # Three sentences need at least two sentence ends inside the line: most lines have not.
-            if cfg.dedup_sentence_spans and seen_spans is not None and _has_two_ends(s):
-                spans = _span_hashes(split_sentences(s))
-                if any(h in seen_spans for h in spans):
-                    why["lines_repeated_span"] += 1
-                    continue
-                seen_spans.update(spans)
+            if not s.endswith(_TERMINAL) or len(s.split()) < cfg.min_words_per_line:
+                why["lines_dropped"] += 1
+                continue
+            if _JS.search(s):
+                why["lines_javascript"] += 1
+                continue
             kept.append(line.rstrip())
-        text = re.sub(r"\n{3,}", "\n\n", "\n".join(kept)).strip("\n")
+        text = "\n".join(kept)
+    spans = cfg.dedup_sentence_spans and seen_spans is not None
+    if spans:
+        text = _without_repeated_spans(text, cfg, seen_spans, why)
+    if cfg.c4_lines or spans:
+        text = re.sub(r"\n{3,}", "\n\n", text).strip("\n")
     if cfg.c4_page and len(split_sentences(text)) < cfg.min_sentences:
         why["few_sentences"] += 1
         return None, why
@@ -97,6 +96,35 @@ def clean_document(text: str, cfg: CleanConfig, seen_spans: Optional[Set[bytes]]
         why["too_short"] += 1
         return None, why
     return text, why
+
+
+def _without_repeated_spans(text: str, cfg: CleanConfig, seen_spans: Set[bytes], why: Counter) -> str:
+    """``text`` less its lines holding a three-sentence span seen before (in ``seen_spans`` or earlier
+    in this document), recording the spans it keeps; or ``text`` whole, nothing recorded, when those
+    lines are more than ``max_repeated_span_fraction`` of the characters of its lines of three or
+    more sentences."""
+    lines = text.split("\n")
+    repeated, new_spans, spanned = set(), set(), 0
+    for i, line in enumerate(lines):
+        # Three sentences need at least two sentence ends inside the line: most lines have not.
+        if not _has_two_ends(line.strip()):
+            continue
+        spanned += len(line.strip())
+        spans = _span_hashes(split_sentences(line.strip()))
+        if any(h in seen_spans or h in new_spans for h in spans):
+            repeated.add(i)
+        else:
+            new_spans.update(spans)
+    if not repeated:
+        seen_spans.update(new_spans)
+        return text
+    # The share among the lines that can hold a span: shorter lines say nothing either way.
+    if sum(len(lines[i].strip()) for i in repeated) > cfg.max_repeated_span_fraction * spanned:
+        why["repeated_spans_left_for_dedup"] += 1
+        return text
+    seen_spans.update(new_spans)
+    why["lines_repeated_span"] += len(repeated)
+    return "\n".join(line for i, line in enumerate(lines) if i not in repeated)
 
 
 def clean_documents(docs: Iterable[Doc], cfg: CleanConfig) -> Tuple[List[Doc], Counter]:

@@ -3,7 +3,8 @@
 Sources are visited in the given order (the pipeline puts curated sources first, so a raw
 document that duplicates a curated one is the one removed, as in GPT-3). A document is a fuzzy
 duplicate when LSH proposes a kept document whose estimated Jaccard similarity of word shingles
-reaches the threshold; LSH only proposes candidates, the estimate decides.
+reaches the threshold; LSH only proposes candidates, the estimate decides (its banding is tuned
+for recall, ``DedupConfig.lsh_weights``).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ def deduplicate(docs_by_source: Dict[str, List[Doc]], cfg: DedupConfig, progress
     from datasketch import MinHashLSH
 
     def new_index():
-        return set(), MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm), {}
+        lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, weights=tuple(cfg.lsh_weights))
+        return set(), lsh, {}
 
     shared = new_index()
     out, counts = {}, {}

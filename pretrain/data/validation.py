@@ -38,6 +38,7 @@ _RANGES = {
     "quality.ngram_max": (1, None, False),
     "quality.max_train_docs": (1, None, False),
     "quality.max_chars": (1, None, False),
+    "clean.max_repeated_span_fraction": (0, 1, True),
     "dedup.threshold": (0, 1, True),
     "dedup.num_perm": (2, None, False),
     "dedup.shingle_words": (1, None, False),
@@ -221,6 +222,11 @@ def _check_stages(stages: StagesConfig, prefix: str, only: Optional[set], proble
             lo_s = "" if lo is None else f"{'>' if open_lo else '>='} {lo:g}"
             hi_s = "" if hi is None else f"<= {hi:g}"
             problems.append(f"{prefix}.{name}={v}: must be {' and '.join(x for x in (lo_s, hi_s) if x)}")
+    if only is None or "dedup.lsh_weights" in only:
+        w = stages.dedup.lsh_weights
+        if len(w) != 2 or not all(_number(x) and 0 <= x <= 1 for x in w) or abs(sum(w) - 1) > 1e-6:
+            problems.append(f"{prefix}.dedup.lsh_weights={list(w)}: give two weights in [0, 1] summing to 1, "
+                            "(false positives, false negatives), e.g. [0.05, 0.95]")
     if only is None or "clean.unicode_form" in only:
         form = stages.clean.unicode_form
         if str(form).upper() not in {f.upper() for f in UNICODE_FORMS}:

@@ -53,3 +53,20 @@ def test_code_profile_keeps_code():
     code = "def f(x):\n    return {x: x}\n\n" * 20
     cfg = CleanConfig(c4_lines=False, c4_page=False, dedup_sentence_spans=False)
     assert clean_document(code, cfg)[0] == code
+
+
+def test_a_copy_made_of_repeated_spans_is_left_whole_for_dedup():
+    """A document whose text is mostly spans seen before is a (near-)copy: cutting those lines would
+    leave fragments that document dedup cannot match, so it stays whole and records no spans."""
+    paras = [f"Alpha {w} beta. Gamma {w} delta. Epsilon {w} zeta. Eta {w} theta." for w in ("one", "two", "three")]
+    original = GOOD + "\n" + "\n".join(paras)
+    near = "The brook ran quietly past the old mill. " * 2 + "\n" + "\n".join(paras)  # 72% repeated spans
+    later = GOOD.replace("river", "lake") + "\n" + paras[0]  # one repeated line among new text: cut as C4 does
+    out, why = clean_documents([("1", original), ("2", original), ("3", near), ("4", later)], CleanConfig())
+    assert [d for d, _ in out] == ["1", "2", "3", "4"]
+    assert out[1][1] == out[0][1] and all(p in out[2][1] for p in paras)
+    assert paras[0] not in out[3][1]
+    assert why["repeated_spans_left_for_dedup"] == 2 and why["lines_repeated_span"] == 1
+    always_cut, why = clean_documents([("1", original), ("2", original)], CleanConfig(max_repeated_span_fraction=1.0))
+    # C4's rule cuts every line of the copy, the whole of it here; with short lines it leaves fragments.
+    assert [d for d, _ in always_cut] == ["1"] and why["lines_repeated_span"] == 4 and why["few_sentences"] == 1

@@ -86,7 +86,8 @@ def test_validate_lists_every_problem_at_once(tmp_path):
         ],
         "split": "0,1,0",
         "tokenizer": {"vocab_size": 100},
-        "stages": {"clean": {"max_invalid_utf8_fraction": 2}},
+        "stages": {"clean": {"max_invalid_utf8_fraction": 2, "max_repeated_span_fraction": 0},
+                   "dedup": {"lsh_weights": [0.5, 0.6]}},
         "eval_files": [str(tmp_path / "eval.txt")],
         "num_workers": 0,
     }
@@ -106,6 +107,8 @@ def test_validate_lists_every_problem_at_once(tmp_path):
         "data.split='0,1,0': the train share is 0",
         "data.tokenizer.vocab_size=100",
         "data.stages.clean.max_invalid_utf8_fraction=2",
+        "data.stages.clean.max_repeated_span_fraction=0.0: must be > 0 and <= 1",
+        "data.stages.dedup.lsh_weights=[0.5, 0.6]: give two weights in [0, 1] summing to 1",
         "data.eval_files[0]: ", "eval.txt does not exist",
         "data.num_workers=0",
     ]
