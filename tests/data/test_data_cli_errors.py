@@ -114,7 +114,7 @@ def test_validate_lists_every_problem_at_once(tmp_path):
     ]
     for frag in expected:
         assert frag in msg, (frag, msg)
-    assert msg.startswith("data config: 14 problems:\n")
+    assert msg.startswith("data config: 16 problems:\n")
     assert not (tmp_path / "cache").exists()  # validation starts nothing
 
 
