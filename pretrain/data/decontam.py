@@ -34,27 +34,36 @@ def _words_with_spans(text: str) -> Tuple[List[str], List[Tuple[int, int]]]:
     return words, spans
 
 
-def _normalized_words(text: str) -> List[str]:
+def normalized_words(text: str) -> List[str]:
     """The same words as _words_with_spans, without positions (fast path)."""
     return text.lower().translate(_PUNCT).split()
 
 
-def _ngram_hashes(words: Sequence[str], n: int) -> np.ndarray:
-    """A 64-bit polynomial hash of every n-gram of ``words`` (vectorised)."""
-    if len(words) < n:
+def word_hashes(words: Sequence[str]) -> np.ndarray:
+    """``hash()`` of every word as uint64 (salted per process: compare hashes within one process only)."""
+    return np.fromiter((hash(w) for w in words), dtype=np.int64, count=len(words)).view(np.uint64)
+
+
+def roll_ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
+    """A 64-bit polynomial hash of every n consecutive word hashes (vectorised); len(hashes) - n + 1 of them."""
+    m = len(hashes) - n + 1
+    if m <= 0:
         return np.zeros(0, dtype=np.uint64)
-    h = np.fromiter((hash(w) for w in words), dtype=np.int64, count=len(words)).view(np.uint64)
-    m = len(words) - n + 1
     g = np.zeros(m, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for k in range(n):
-            g = g * np.uint64(1_000_003) + h[k : k + m]
+            g = g * np.uint64(1_000_003) + hashes[k : k + m]
     return g
+
+
+def ngram_hashes(words: Sequence[str], n: int) -> np.ndarray:
+    """The hash of every n-gram of ``words``, in order (see roll_ngram_hashes)."""
+    return roll_ngram_hashes(word_hashes(words), n)
 
 
 def ngrams_of(text: str, n: int) -> np.ndarray:
     """Sorted unique n-gram hashes of a text (words lower-cased, punctuation removed)."""
-    return np.unique(_ngram_hashes(_normalized_words(text), n))
+    return np.unique(ngram_hashes(normalized_words(text), n))
 
 
 def read_eval_texts(paths: Sequence[str]) -> Iterable[str]:
@@ -74,11 +83,17 @@ def build_eval_ngrams(paths: Sequence[str], n: int) -> np.ndarray:
     return np.unique(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
 
 
-def _hits(grams: np.ndarray, eval_ngrams: np.ndarray) -> np.ndarray:
+def hits(grams: np.ndarray, eval_ngrams: np.ndarray) -> np.ndarray:
+    """Which of ``grams`` (n-gram hashes) are in the sorted ``eval_ngrams``: a bool per gram."""
     if not len(grams) or not len(eval_ngrams):
         return np.zeros(len(grams), dtype=bool)
     pos = np.searchsorted(eval_ngrams, grams).clip(max=len(eval_ngrams) - 1)
     return eval_ngrams[pos] == grams
+
+
+def is_contaminated(text: str, eval_ngrams: np.ndarray, n: int) -> bool:
+    """Whether any n-gram of ``text`` is in the sorted ``eval_ngrams`` (the fast first test)."""
+    return bool(hits(ngram_hashes(normalized_words(text), n), eval_ngrams).any())
 
 
 def decontaminate_document(text: str, eval_ngrams: np.ndarray, cfg: DecontamConfig) -> Tuple[List[str], int]:
@@ -87,11 +102,11 @@ def decontaminate_document(text: str, eval_ngrams: np.ndarray, cfg: DecontamConf
     ``eval_ngrams``: sorted n-gram hashes from build_eval_ngrams / ngrams_of.
     """
     n = cfg.ngram
-    if not _hits(_ngram_hashes(_normalized_words(text), n), eval_ngrams).any():
+    if not is_contaminated(text, eval_ngrams, n):
         return [text], 0
     words, spans = _words_with_spans(text)
     cuts: List[List[int]] = []
-    for i in np.flatnonzero(_hits(_ngram_hashes(words, n), eval_ngrams)):
+    for i in np.flatnonzero(hits(ngram_hashes(words, n), eval_ngrams)):
         start = max(0, spans[i][0] - cfg.window_chars)
         end = min(len(text), spans[i + n - 1][1] + cfg.window_chars)
         if cuts and start <= cuts[-1][1]:
