@@ -132,7 +132,7 @@ def write_shards(
         # with gloo, OpenMP and tokenizers threads running, and a fork then can deadlock a child
         # on a lock one of those threads held (seen as a hang of the data prep inside a job).
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["pretrain.data.shards"])
+        ctx.set_forkserver_preload(["pretrain.data.shards", "megatron.core.datasets.indexed_dataset"])
         pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_file, eod, True))
         with pool:
             for prefix, ndocs, ntok, nchars in pool.imap_unordered(_encode_and_write, tasks):
