@@ -19,6 +19,7 @@ JSONL lines are not records and are skipped silently.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
@@ -27,6 +28,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
+from pretrain.data import compressed
 from pretrain.data.config import SourceConfig
 from pretrain.data.corpus import get_builtin
 from pretrain.errors import UserError
@@ -66,8 +68,14 @@ def resolve_path(src: SourceConfig, root: str | None) -> Path:
     return p if p.is_absolute() or root is None else Path(os.path.expanduser(root)) / p
 
 
-def _files_under(path: Path, exts) -> List[Path]:
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in exts)
+def file_format(path: Path) -> Optional[str]:
+    """The format a file's name gives (``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``, ``.txt``, ...), or None."""
+    fmt = _EXT_FORMAT.get(compressed.inner_suffix(path))
+    return None if fmt == "parquet" and compressed.compression(path) else fmt  # Parquet compresses inside
+
+
+def _files_under(path: Path, formats) -> List[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file() and file_format(p) in formats)
 
 
 def source_files(src: SourceConfig, root: str | None = None, key: Optional[str] = None) -> Tuple[str, List[Path]]:
@@ -85,28 +93,29 @@ def source_files(src: SourceConfig, root: str | None = None, key: Optional[str] 
     if src.format not in FORMATS:
         raise DataConfigError(f"{key}.format={src.format!r}: choose one of {'|'.join(FORMATS)}")
     path = resolve_path(src, root)
-    exts = _EXT_FORMAT if src.format == "auto" else [e for e, f in _EXT_FORMAT.items() if f == src.format]
+    formats = set(_EXT_FORMAT.values()) if src.format == "auto" else {src.format}
+    exts = [e for e, f in _EXT_FORMAT.items() if f in formats]
     relative = not (root or Path(os.path.expanduser(str(src.path))).is_absolute())
     hint = " (a relative path: set data.root to its folder)" if relative else ""
     if is_glob(str(src.path)):
         files = []
         for m in sorted(Path(p) for p in glob.glob(str(path), recursive=True)):
-            files += _files_under(m, exts) if m.is_dir() else [m] if m.is_file() else []
+            files += _files_under(m, formats) if m.is_dir() else [m] if m.is_file() else []
         if not files:
             raise DataConfigError(f"{key}.path: the pattern {path} matches no files{hint}; fix the pattern or remove the source")
     else:
         if not path.exists():
             raise DataConfigError(f"{key}.path: {path} does not exist{hint}; fix the path or remove the source")
-        files = _files_under(path, exts) if path.is_dir() else [path]
+        files = _files_under(path, formats) if path.is_dir() else [path]
         if not files:
             raise DataConfigError(
                 f"{key}.path: no {'text/JSONL/Parquet' if src.format == 'auto' else src.format} files "
-                f"({', '.join(exts)}) under {path}; point it at the data or set {key}.format"
+                f"({', '.join(exts)}, JSONL and text also .gz/.zst) under {path}; point it at the data or set {key}.format"
             )
-    formats = {src.format if src.format != "auto" else _EXT_FORMAT.get(f.suffix) for f in files}
+    formats = {src.format if src.format != "auto" else file_format(f) for f in files}
     if None in formats or len(formats) > 1:
         raise DataConfigError(
-            f"{key}: cannot infer one format from {sorted({f.suffix for f in files})}; "
+            f"{key}: cannot infer one format from {sorted({''.join(f.suffixes[-2:]) for f in files})}; "
             f"set {key}.format to one of text|jsonl|parquet"
         )
     fmt = formats.pop()
@@ -122,8 +131,8 @@ def _check_text_field(src: SourceConfig, fmt: str, files: List[Path], key: str) 
         return  # empty files: validation and the reader name them
     if fmt == "jsonl":
         keys = None
-        with open(first, "rb") as f:
-            for n, raw in enumerate(f):
+        with contextlib.closing(compressed.read_lines(first)) as f, contextlib.suppress(compressed.Truncated):
+            for n, raw in enumerate(f):  # a cut compressed file: the reader names it
                 if n >= 100:
                     break
                 try:
@@ -236,7 +245,11 @@ def _checked_text(v, field: str):
 
 
 def _read_text(path: Path, bad: BadRecords, tolerance: float) -> Iterator[str]:
-    raw = path.read_bytes()
+    try:
+        raw = b"".join(compressed.read_lines(path))
+    except compressed.Truncated as e:
+        bad.add(path, 0, "truncated_file", f"{e} (a copy cut short?); the document is not read")
+        return
     if not raw.strip():
         bad.add(path, 0, "empty_file", "the file is empty (a text file is one document)")
         return
@@ -248,9 +261,9 @@ def _read_text(path: Path, bad: BadRecords, tolerance: float) -> Iterator[str]:
 
 
 def _read_jsonl(path: Path, field: str, bad: BadRecords, tolerance: float) -> Iterator[str]:
-    seen = False
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+    seen, lines = False, _Lines(path, bad)
+    with contextlib.closing(compressed.read_lines(path)) as f:
+        for lineno, raw in lines.numbered(f):
             if not raw.strip():
                 continue
             seen = True
@@ -277,8 +290,24 @@ def _read_jsonl(path: Path, field: str, bad: BadRecords, tolerance: float) -> It
                 bad.add(path, lineno, *why)
                 continue
             yield text
-    if not seen:
+    if not seen and not lines.truncated:
         bad.add(path, 0, "empty_file", "the file is empty (no JSON lines)")
+
+
+class _Lines:
+    """Numbers a file's lines; a compressed file cut short ends them with a ``truncated_file`` bad record."""
+
+    def __init__(self, path: Path, bad: BadRecords):
+        self.path, self.bad, self.truncated = path, bad, False
+
+    def numbered(self, lines):
+        lineno = 0
+        try:
+            for lineno, raw in enumerate(lines, 1):
+                yield lineno, raw
+        except compressed.Truncated as e:
+            self.truncated = True
+            self.bad.add(self.path, lineno + 1, "truncated_file", f"{e} (a copy cut short?); the lines before it are read")
 
 
 def _read_parquet(path: Path, field: str, bad: BadRecords, tolerance: float) -> Iterator[str]:
