@@ -17,8 +17,10 @@ class SourceConfig:
     name: str = MISSING
     # "builtin:<corpus>" (see pretrain.data.corpus) or a path to text/JSONL/Parquet files or a folder.
     path: str = MISSING
-    format: str = "auto"  # auto | text | jsonl | parquet | builtin
+    format: str = "auto"  # auto | text | jsonl | parquet | hf (a datasets save_to_disk folder) | builtin
     text_field: str = "text"
+    # A DatasetDict saved with datasets' save_to_disk: the split to read (None: "train").
+    hf_split: Optional[str] = None
     # Mixture: give weight (share of training samples) or epochs (passes over this source);
     # sources without either share what is left in proportion to their size.
     weight: Optional[float] = None

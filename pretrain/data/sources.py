@@ -1,4 +1,5 @@
-"""Source resolution, reading and bad records: built-in corpora or local text/JSONL/Parquet files.
+"""Source resolution and reading: built-in corpora, local text/JSONL/Parquet files (JSONL and text
+also gzip/Zstandard compressed, ``compressed.py``), or a datasets ``save_to_disk`` folder (``hf_disk.py``).
 
 ``path`` is a file, a folder (searched recursively for .txt/.md/.rst/.jsonl/.json/.parquet) or a
 glob pattern (``shards/*.jsonl``, ``**`` recursive). Local files are read here, record by record,
@@ -22,29 +23,23 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
-import logging
 import os
-from collections import Counter
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
-from pretrain.data import compressed
+from pretrain.data import compressed, hf_disk
 from pretrain.data.config import SourceConfig
 from pretrain.data.corpus import get_builtin
-from pretrain.errors import UserError
+from pretrain.data.records import (BAD_RECORD_POLICIES, BadRecords, DataConfigError, checked_text, decode, json_type,
+                                   source_key)
+
+__all__ = ["BAD_RECORD_POLICIES", "BadRecords", "DataConfigError", "fingerprint", "read_source", "source_files"]
 
 Doc = Tuple[str, str]
-log = logging.getLogger("pretrain.data")
 
 _EXT_FORMAT = {".txt": "text", ".md": "text", ".rst": "text", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
-FORMATS = ("auto", "text", "jsonl", "parquet", "builtin")
-BAD_RECORD_POLICIES = ("error", "drop")
+FORMATS = ("auto", "text", "jsonl", "parquet", "hf", "builtin")
 DEFAULT_MAX_INVALID_UTF8 = 0.001  # CleanConfig.max_invalid_utf8_fraction
-LOGGED_BAD_RECORDS = 20  # per source; the rest are counted only
-
-
-class DataConfigError(UserError):
-    """A data config or its input is wrong; the message names the key and the fix."""
 
 
 def is_builtin(src: SourceConfig) -> bool:
@@ -53,10 +48,6 @@ def is_builtin(src: SourceConfig) -> bool:
 
 def _builtin_name(src: SourceConfig) -> str:
     return str(src.path).removeprefix("builtin:")
-
-
-def _key(src: SourceConfig, key: Optional[str]) -> str:
-    return key or f"data.sources[{src.name}]"
 
 
 def is_glob(path: str) -> bool:
@@ -83,7 +74,7 @@ def source_files(src: SourceConfig, root: str | None = None, key: Optional[str] 
 
     ``key`` names the source in messages (``data.sources[2]``; default: by name).
     """
-    key = _key(src, key)
+    key = source_key(src, key)
     if is_builtin(src):
         try:
             corpus = get_builtin(_builtin_name(src))
@@ -106,6 +97,13 @@ def source_files(src: SourceConfig, root: str | None = None, key: Optional[str] 
     else:
         if not path.exists():
             raise DataConfigError(f"{key}.path: {path} does not exist{hint}; fix the path or remove the source")
+        if src.format in ("auto", "hf") and hf_disk.is_saved_dataset(path):
+            directory = hf_disk.dataset_dir(path, src.hf_split, key)
+            hf_disk.check_text_field(directory, src.text_field, key)
+            return "hf", hf_disk.files(directory)
+        if src.format == "hf":
+            raise DataConfigError(f"{key}.path: {path} is not a folder written by datasets' save_to_disk (no state.json "
+                                  f"or dataset_dict.json); point it at one or set {key}.format")
         files = _files_under(path, formats) if path.is_dir() else [path]
         if not files:
             raise DataConfigError(
@@ -173,77 +171,6 @@ def fingerprint(src: SourceConfig, root: str | None = None) -> list:
     return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
 
 
-# ---- bad records ----------------------------------------------------------------------------------
-
-
-class BadRecords:
-    """The bad records of one source: refused (policy ``error``) or counted and logged (``drop``)."""
-
-    def __init__(self, src: SourceConfig, key: Optional[str] = None):
-        self.name, self.key, self.policy = src.name, _key(src, key), src.on_bad_record
-        if self.policy not in BAD_RECORD_POLICIES:
-            raise DataConfigError(f"{self.key}.on_bad_record={self.policy!r}: choose one of {'|'.join(BAD_RECORD_POLICIES)}")
-        self.counts: Counter = Counter()
-        self.examples: List[str] = []
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def add(self, file: Path, line: int, kind: str, what: str, unit: str = "line") -> None:
-        where = f"{file} {unit} {line}" if line else str(file)
-        if self.policy == "error":
-            raise DataConfigError(
-                f"{self.key} (source {self.name!r}): {where}: {what}. Fix or remove that record, or set "
-                f"{self.key}.on_bad_record=drop to skip bad records (each is counted and logged)"
-            )
-        self.counts[kind] += 1
-        if len(self.examples) < 10:
-            self.examples.append(f"{where}: {kind}")
-        if self.total <= LOGGED_BAD_RECORDS:
-            log.warning("%s (source %r): dropped %s: %s", self.key, self.name, where, what)
-        elif self.total == LOGGED_BAD_RECORDS + 1:
-            log.warning("%s (source %r): more bad records; they are counted, not logged", self.key, self.name)
-
-    def summary(self) -> dict:
-        return {"bad_records": self.total, "bad_record_kinds": dict(sorted(self.counts.items())), "bad_record_examples": self.examples}
-
-
-def _decode(raw: bytes, tolerance: float):
-    """(text, None), or (None, why) for invalid UTF-8 beyond ``tolerance`` (a fraction of characters)."""
-    try:
-        return raw.decode("utf-8"), None
-    except UnicodeDecodeError as e:
-        text = raw.decode("utf-8", errors="replace")
-        bad = text.count("\ufffd")
-        if bad <= tolerance * max(len(text), 1):
-            return text, None
-        return None, (
-            e.start,
-            f"invalid UTF-8 ({bad} bad byte sequence(s) in {len(text)} characters, the first at byte {e.start}; "
-            f"more than stages.clean.max_invalid_utf8_fraction={tolerance:g} of the text)",
-        )
-
-
-def _json_type(v) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(v), "number")
-
-
-def _checked_text(v, field: str):
-    """(text, None) or (None, (kind, why)) for a record's text value."""
-    if v is None:
-        return None, ("null_text", f"field {field!r} is null")
-    if not isinstance(v, str):
-        return None, ("text_not_string", f"field {field!r} is a {_json_type(v)}, not a string")
-    if not v.strip():
-        return None, ("empty_text", f"field {field!r} is empty")
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return None, ("invalid_utf8", f"field {field!r} holds an unpaired surrogate (\\u{ord(v[e.start]):04x}), not valid Unicode")
-    return v, None
-
-
 def _read_text(path: Path, bad: BadRecords, tolerance: float) -> Iterator[str]:
     try:
         raw = b"".join(compressed.read_lines(path))
@@ -253,7 +180,7 @@ def _read_text(path: Path, bad: BadRecords, tolerance: float) -> Iterator[str]:
     if not raw.strip():
         bad.add(path, 0, "empty_file", "the file is empty (a text file is one document)")
         return
-    text, why = _decode(raw, tolerance)
+    text, why = decode(raw, tolerance)
     if why:
         bad.add(path, raw.count(b"\n", 0, why[0]) + 1, "invalid_utf8", why[1])
         return
@@ -267,7 +194,7 @@ def _read_jsonl(path: Path, field: str, bad: BadRecords, tolerance: float) -> It
             if not raw.strip():
                 continue
             seen = True
-            line, why = _decode(raw, tolerance)
+            line, why = decode(raw, tolerance)
             if why:
                 bad.add(path, lineno, "invalid_utf8", why[1])
                 continue
@@ -280,12 +207,12 @@ def _read_jsonl(path: Path, field: str, bad: BadRecords, tolerance: float) -> It
                     bad.add(path, lineno, "invalid_json", f"not valid JSON: {e.msg} (column {e.colno})")
                 continue
             if not isinstance(obj, dict):
-                bad.add(path, lineno, "not_an_object", f"a JSON {_json_type(obj)}, not an object holding {field!r}")
+                bad.add(path, lineno, "not_an_object", f"a JSON {json_type(obj)}, not an object holding {field!r}")
                 continue
             if field not in obj:
                 bad.add(path, lineno, "missing_field", f"no field {field!r} (fields: {sorted(obj)[:10]})")
                 continue
-            text, why = _checked_text(obj[field], field)
+            text, why = checked_text(obj[field], field)
             if why:
                 bad.add(path, lineno, *why)
                 continue
@@ -335,11 +262,11 @@ def _read_parquet(path: Path, field: str, bad: BadRecords, tolerance: float) -> 
             for v in col.to_pylist():
                 row += 1
                 if isinstance(v, bytes):
-                    v, why = _decode(v, tolerance)
+                    v, why = decode(v, tolerance)
                     if why:
                         bad.add(path, row, "invalid_utf8", why[1], unit="row")
                         continue
-                text, why = _checked_text(v, field)
+                text, why = checked_text(v, field)
                 if why:
                     bad.add(path, row, *why, unit="row")
                     continue
@@ -377,6 +304,9 @@ def read_source(
 
 def _read_files(src: SourceConfig, fmt: str, files: List[Path], bad: BadRecords, tolerance: float) -> Iterator[str]:
     for f in files:
+        if fmt == "hf":  # files: the dataset folder's state.json, then its Arrow files
+            yield from hf_disk.read(f.parent, src.text_field, bad)
+            return
         if fmt == "text":
             yield from _read_text(f, bad, tolerance)
         elif fmt == "jsonl":

@@ -1,0 +1,98 @@
+"""What a record that cannot be a document is, and what happens to it (``SourceConfig.on_bad_record``).
+
+``BadRecords`` refuses one (policy ``error``: a DataConfigError naming the file, the line or row,
+what is wrong and the fix) or counts, logs and drops it (``drop``). ``decode`` and ``checked_text``
+tell a readable text from invalid UTF-8 and from null, non-string or empty values.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import List, Optional
+
+from pretrain.data.config import SourceConfig
+from pretrain.errors import UserError
+
+log = logging.getLogger("pretrain.data")
+
+BAD_RECORD_POLICIES = ("error", "drop")
+LOGGED_BAD_RECORDS = 20  # per source; the rest are counted only
+
+
+class DataConfigError(UserError):
+    """A data config or its input is wrong; the message names the key and the fix."""
+
+
+def source_key(src: SourceConfig, key: Optional[str]) -> str:
+    """How messages name a source: its config key (``data.sources[2]``), else by name."""
+    return key or f"data.sources[{src.name}]"
+
+
+class BadRecords:
+    """The bad records of one source: refused (policy ``error``) or counted and logged (``drop``)."""
+
+    def __init__(self, src: SourceConfig, key: Optional[str] = None):
+        self.name, self.key, self.policy = src.name, source_key(src, key), src.on_bad_record
+        if self.policy not in BAD_RECORD_POLICIES:
+            raise DataConfigError(f"{self.key}.on_bad_record={self.policy!r}: choose one of {'|'.join(BAD_RECORD_POLICIES)}")
+        self.counts: Counter = Counter()
+        self.examples: List[str] = []
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, file: Path, line: int, kind: str, what: str, unit: str = "line") -> None:
+        where = f"{file} {unit} {line}" if line else str(file)
+        if self.policy == "error":
+            raise DataConfigError(
+                f"{self.key} (source {self.name!r}): {where}: {what}. Fix or remove that record, or set "
+                f"{self.key}.on_bad_record=drop to skip bad records (each is counted and logged)"
+            )
+        self.counts[kind] += 1
+        if len(self.examples) < 10:
+            self.examples.append(f"{where}: {kind}")
+        if self.total <= LOGGED_BAD_RECORDS:
+            log.warning("%s (source %r): dropped %s: %s", self.key, self.name, where, what)
+        elif self.total == LOGGED_BAD_RECORDS + 1:
+            log.warning("%s (source %r): more bad records; they are counted, not logged", self.key, self.name)
+
+    def summary(self) -> dict:
+        return {"bad_records": self.total, "bad_record_kinds": dict(sorted(self.counts.items())), "bad_record_examples": self.examples}
+
+
+def decode(raw: bytes, tolerance: float):
+    """(text, None), or (None, why) for invalid UTF-8 beyond ``tolerance`` (a fraction of characters)."""
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        text = raw.decode("utf-8", errors="replace")
+        bad = text.count("\ufffd")
+        if bad <= tolerance * max(len(text), 1):
+            return text, None
+        return None, (
+            e.start,
+            f"invalid UTF-8 ({bad} bad byte sequence(s) in {len(text)} characters, the first at byte {e.start}; "
+            f"more than stages.clean.max_invalid_utf8_fraction={tolerance:g} of the text)",
+        )
+
+
+def json_type(v) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(v), "number")
+
+
+def checked_text(v, field: str):
+    """(text, None) or (None, (kind, why)) for a record's text value."""
+    if v is None:
+        return None, ("null_text", f"field {field!r} is null")
+    if not isinstance(v, str):
+        return None, ("text_not_string", f"field {field!r} is a {json_type(v)}, not a string")
+    if not v.strip():
+        return None, ("empty_text", f"field {field!r} is empty")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return None, ("invalid_utf8", f"field {field!r} holds an unpaired surrogate (\\u{ord(v[e.start]):04x}), not valid Unicode")
+    return v, None
