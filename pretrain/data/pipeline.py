@@ -318,6 +318,10 @@ def prepare_data(data_cfg, console=None) -> PreparedData:
         console.print(f"data [bold]{cfg.name}[/bold]: reusing prepared shards {shard_path}")
     else:
         console.print(f"data [bold]{cfg.name}[/bold]: preparing {len(cfg.sources)} sources into {run.root}")
+        if (cfg.num_workers or len(os.sched_getaffinity(0))) > 1:  # write_shards' worker count
+            from pretrain.data.shards import start_worker_server
+
+            start_worker_server()  # its imports overlap the stages before tokenize+write
         files = _stage_clean(run, keys)
         for stage, fn in (("quality", _stage_quality), ("dedup", _stage_dedup), ("decontam", _stage_decontam)):
             if cache.is_done(cache.stage_dir(run.root, stage, keys[stage])):

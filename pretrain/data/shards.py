@@ -19,6 +19,25 @@ _TOK = None  # the worker's tokenizer
 _EOD = -1
 
 
+# Workers fork from a fresh server process (see write_shards); it imports what they need once.
+_PRELOAD = ["pretrain.data.shards", "megatron.core.datasets.indexed_dataset"]
+
+
+def _server_context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+def start_worker_server() -> None:
+    """Start the workers' server now, so that its imports (megatron-core, torch: seconds) overlap the
+    stages before tokenize+write instead of delaying it. Returns at once."""
+    from multiprocessing import forkserver
+
+    _server_context()
+    forkserver.ensure_running()
+
+
 def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
 
@@ -131,9 +150,7 @@ def write_shards(
         # Workers fork from a fresh server process, never from this one: the trainer calls this
         # with gloo, OpenMP and tokenizers threads running, and a fork then can deadlock a child
         # on a lock one of those threads held (seen as a hang of the data prep inside a job).
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["pretrain.data.shards", "megatron.core.datasets.indexed_dataset"])
-        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_file, eod, True))
+        pool = _server_context().Pool(workers, initializer=_init_worker, initargs=(tokenizer_file, eod, True))
         with pool:
             for prefix, ndocs, ntok, nchars in pool.imap_unordered(_encode_and_write, tasks):
                 counts[prefix] = (ndocs, ntok)
