@@ -71,6 +71,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def two_ranks(measure, out_dir: Path) -> dict:
+    """Run ``measure(rank, port, out_dir)`` in two spawned processes (each joins a gloo group on the
+    port) and return the ``saved.json`` rank 0 writes into ``out_dir``."""
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.start_processes(measure, args=(free_port(), str(out_dir)), nprocs=2, start_method="spawn")
+    return json.loads((Path(out_dir) / "saved.json").read_text())
+
+
 def series(records: list, key: str) -> list:
     return [r[key] for r in records]
 

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from harness import FAST, assert_close, free_port, run_jobs, series
+from harness import FAST, assert_close, run_jobs, series, two_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -221,12 +221,7 @@ def _measure(rank: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
     """Per rank: saved bytes at cp1 and cp2, and the group mismatches ``check_agreement`` reported."""
-    import torch.multiprocessing as mp
-
-    out = tmp_path_factory.mktemp("cp_memory")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(_measure, args=(free_port(), str(out)), nprocs=2, start_method="spawn")
-    return json.loads((out / "saved.json").read_text())
+    return two_ranks(_measure, tmp_path_factory.mktemp("cp_memory"))
 
 
 def test_cp2_halves_the_activations_each_rank_keeps(measured):

@@ -34,7 +34,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import free_port
+from harness import two_ranks
 
 S, B, H, HEADS = 64, 2, 256, 4
 
@@ -95,12 +95,7 @@ def _measure(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    import torch.multiprocessing as mp
-
-    out = tmp_path_factory.mktemp("recompute")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(_measure, args=(free_port(), str(out)), nprocs=2, start_method="spawn")
-    return json.loads((out / "saved.json").read_text())
+    return two_ranks(_measure, tmp_path_factory.mktemp("recompute"))
 
 
 @pytest.mark.distributed
