@@ -52,7 +52,8 @@ def _exact_key(text: str) -> bytes:
 
 
 def deduplicate(docs_by_source: Dict[str, List[Doc]], cfg: DedupConfig, progress=None) -> Tuple[Dict[str, List[Doc]], Dict[str, Counter]]:
-    """Return kept documents per source and counts of exact/fuzzy duplicates removed."""
+    """Return kept documents per source and counts of exact/fuzzy duplicates removed;
+    ``progress(text)`` is called for every document as it is looked at."""
     from datasketch import MinHashLSH
 
     def new_index():
@@ -66,7 +67,7 @@ def deduplicate(docs_by_source: Dict[str, List[Doc]], cfg: DedupConfig, progress
         kept, c = [], Counter()
         for doc_id, text in docs:
             if progress is not None:
-                progress()
+                progress(text)
             if cfg.exact:
                 key = _exact_key(text)
                 if key in seen:

@@ -19,8 +19,9 @@ from omegaconf.errors import OmegaConfBaseException
 from pretrain.data import cache
 from pretrain.data.config import DataConfig, StagesConfig
 from pretrain.data.mixture import mixture_report, print_report, write_report
+from pretrain.data.progress import StageProgress, write_stage_stats
 from pretrain.data.sources import BadRecords, DataConfigError, fingerprint, read_source
-from pretrain.data.stats import print_stage_table, stage_stats
+from pretrain.data.stats import nbytes, print_stage_table, stage_stats
 from pretrain.data.tokenizer import eod_id, fixed_fingerprint, load_fixed, sample_for_training, train_bpe
 from pretrain.data.validation import check, effective_stages  # noqa: F401  (effective_stages: API)
 
@@ -98,10 +99,11 @@ class _Run:
         self.root = Path(os.path.expanduser(cfg.cache_dir))
         self.stats: Dict[str, dict] = {}
 
-    def bar(self, total, desc, unit="doc"):
-        from tqdm.auto import tqdm
+    def progress(self, desc: str, total_bytes=None, tokens: bool = False) -> StageProgress:
+        """A stage's progress bar (data.progress, on a terminal): docs, MB, MB/s, ETA, tokens/s."""
+        import sys
 
-        return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, leave=False, disable=None if self.cfg.progress else True)
+        return StageProgress(desc, total_bytes, bool(self.cfg.progress) and sys.stderr.isatty(), tokens)
 
     def docs_files(self, stage: str, key: str) -> Dict[str, Path]:
         m = cache.read_manifest(cache.stage_dir(self.root, stage, key))
@@ -121,10 +123,10 @@ def _kinds(counts) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()))
 
 
-def _ticking(items, bar):
-    for x in items:
-        bar.update()
-        yield x
+def _ticking(docs, bar: StageProgress):
+    for doc in docs:
+        bar.doc(doc[1])
+        yield doc
 
 
 def _load(files: Dict[str, Path]) -> Docs:
@@ -145,6 +147,7 @@ def _save_stage(
             else:
                 rel[n] = str(upstream[n].relative_to(run.root))
         manifest.update(docs=rel, stats=stats)
+        write_stage_stats(tmp, stage, stats, time.time() - t0)
     run.stats[stage] = stats
     print_stage_table(run.console, stage, stats, note=f"{time.time() - t0:.1f}s")
     return {n: run.root / r for n, r in rel.items()}
@@ -169,10 +172,11 @@ def _stage_clean(run: _Run, keys) -> Dict[str, Path]:
                 def reading(bar):
                     for doc in read_source(s, run.cfg.root, key=key, bad=bad, max_invalid_utf8_fraction=cfg.max_invalid_utf8_fraction):
                         raw.append(doc)
-                        bar.update()
+                        bar.doc(doc[1])
                         yield doc
 
-                with run.bar(None, f"read + clean {s.name}") as bar:
+                t_source = time.time()
+                with run.progress(f"read + clean {s.name}") as bar:
                     kept, why = clean_documents(reading(bar), cfg) if cfg.enabled else (list(reading(bar)), {})
                 if not raw:
                     dropped = f" ({bad.total} bad records dropped: {_kinds(bad.counts)})" if bad.total else ""
@@ -188,6 +192,7 @@ def _stage_clean(run: _Run, keys) -> Dict[str, Path]:
                 run.check_nonempty("clean", {s.name: kept})
                 cache.write_docs(tmp / "docs.jsonl", kept)
                 manifest["stats"] = stats[s.name] = {**stage_stats(raw, kept, why), **bad.summary()}
+                write_stage_stats(tmp, "clean", {s.name: stats[s.name]}, time.time() - t_source)
         files[s.name] = path / "docs.jsonl"
     run.stats["clean"] = stats
     print_stage_table(run.console, "read + clean", stats, note=f"{time.time() - t0:.1f}s")
@@ -220,8 +225,8 @@ def _stage_dedup(run: _Run, keys, upstream: Dict[str, Path]) -> Dict[str, Path]:
     t0 = time.time()
     docs = _load(upstream)
     order = [s.name for s in sorted(targets, key=lambda s: not s.curated)]  # curated first
-    with run.bar(sum(len(docs[n]) for n in order), "dedup") as bar:
-        kept, why = deduplicate({n: docs[n] for n in order}, cfg, progress=bar.update)
+    with run.progress("dedup", sum(nbytes(docs[n]) for n in order)) as bar:
+        kept, why = deduplicate({n: docs[n] for n in order}, cfg, progress=bar.doc)
     run.check_nonempty("dedup", kept)
     stats = {n: stage_stats(docs[n], kept[n], why[n]) for n in order}
     return _save_stage(run, "dedup", keys["dedup"], {**docs, **kept}, set(order), upstream, stats, t0)
@@ -241,7 +246,7 @@ def _stage_decontam(run: _Run, keys, upstream: Dict[str, Path]) -> Dict[str, Pat
         c = run.eff[n].decontam
         if c.ngram not in grams_by_n:
             grams_by_n[c.ngram] = build_eval_ngrams(run.cfg.eval_files, c.ngram)
-        with run.bar(len(docs[n]), f"decontam {n}") as bar:
+        with run.progress(f"decontam {n}", nbytes(docs[n])) as bar:
             kept[n], why = decontaminate(_ticking(docs[n], bar), grams_by_n[c.ngram], c)
         stats[n] = stage_stats(docs[n], kept[n], why)
     run.check_nonempty("decontam", kept)
@@ -265,6 +270,7 @@ def _stage_tokenizer(run: _Run, keys, upstream: Dict[str, Path]) -> Path:
             what = f"loaded the {tc.kind} tokenizer, vocab {tok.get_vocab_size():,}"
         tok.save(str(tmp / "tokenizer.json"))
         manifest.update(vocab_size=tok.get_vocab_size(), eod_id=eod_id(tok, tc.eod_token))
+        write_stage_stats(tmp, "tokenizer", {}, time.time() - t0, kind=tc.kind, vocab_size=tok.get_vocab_size())
     run.console.print(f"tokenizer: {what} in {time.time() - t0:.1f}s")
     return path / "tokenizer.json"
 
@@ -276,20 +282,23 @@ def _stage_shards(run: _Run, keys, upstream: Dict[str, Path], tokenizer_file: Pa
     tok_manifest = cache.read_manifest(tokenizer_file.parent)
     docs = _load(upstream)
     texts = {n: [t for _, t in d] for n, d in docs.items()}
-    total = sum(len(t) for ts in texts.values() for t in ts)
+    in_stats = {n: {"docs_in": len(d), "bytes_in": nbytes(d)} for n, d in docs.items()}
     t0 = time.time()
-    with cache.building(path) as (tmp, manifest), run.bar(total, "tokenize+write", unit="char") as bar:
+    total = sum(s["bytes_in"] for s in in_stats.values())
+    with cache.building(path) as (tmp, manifest), run.progress("tokenize+write", total, tokens=True) as bar:
         out = write_shards(
             texts, str(tokenizer_file), tok_manifest["eod_id"], tok_manifest["vocab_size"], tmp,
-            num_workers=run.cfg.num_workers, on_chunk=bar.update,
+            num_workers=run.cfg.num_workers, on_chunk=bar.add,
         )
         manifest.update(
             tokenizer_key=keys["tokenizer"],
             sources={n: {"docs": o["docs"], "tokens": o["tokens"]} for n, o in out.items()},
             stats=run.stats,
         )
-    ntok = sum(o["tokens"] for o in out.values())
-    dt = time.time() - t0
+        ntok, dt = sum(o["tokens"] for o in out.values()), time.time() - t0
+        for n, o in out.items():
+            in_stats[n].update(tokens=o["tokens"])
+        write_stage_stats(tmp, "shards", in_stats, dt, tokens=ntok, tokens_per_s=round(ntok / max(dt, 1e-9)))
     run.console.print(f"tokenize+write: {ntok:,} tokens in {dt:.1f}s ({ntok / max(dt, 1e-9):,.0f} tokens/s)")
     return path
 

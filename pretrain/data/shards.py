@@ -65,7 +65,7 @@ def _encode_and_write(task: Tuple[str, Sequence[str], str]) -> Tuple[str, int, i
             builder.add_document(ids, [ids.size])
             ntok += ids.size
     builder.finalize(prefix + ".idx")
-    return prefix, len(texts), ntok, sum(len(t) for t in texts)
+    return prefix, len(texts), ntok, sum(len(t.encode("utf-8")) for t in texts)
 
 
 def _chunks(texts: List[str], max_chars: int) -> List[List[str]]:
@@ -107,11 +107,11 @@ def write_shards(
     out_dir: Path,
     num_workers: Optional[int] = None,
     chunk_chars: Optional[int] = None,
-    on_chunk: Optional[Callable[[int], None]] = None,
+    on_chunk: Optional[Callable[[int, int, int], None]] = None,
 ) -> Dict[str, dict]:
     """Write ``out_dir/<source>.bin/.idx``; returns {source: {prefix, docs, tokens}}.
 
-    ``on_chunk(chars)`` is called as chunks finish (progress); ``num_workers`` None uses every
+    ``on_chunk(docs, bytes, tokens)`` is called as chunks finish (progress); ``num_workers`` None uses every
     core this process may run on. Workers are forked, so the
     caller's imports (megatron-core, tokenizers) are not paid again.
     """
@@ -143,18 +143,18 @@ def write_shards(
     if workers == 1:
         _init_worker(tokenizer_file, eod, single_thread=False)
         results = map(_encode_and_write, tasks)
-        for prefix, ndocs, ntok, nchars in results:
+        for prefix, ndocs, ntok, nbytes in results:
             counts[prefix] = (ndocs, ntok)
-            on_chunk and on_chunk(nchars)
+            on_chunk and on_chunk(ndocs, nbytes, ntok)
     else:
         # Workers fork from a fresh server process, never from this one: the trainer calls this
         # with gloo, OpenMP and tokenizers threads running, and a fork then can deadlock a child
         # on a lock one of those threads held (seen as a hang of the data prep inside a job).
         pool = _server_context().Pool(workers, initializer=_init_worker, initargs=(tokenizer_file, eod, True))
         with pool:
-            for prefix, ndocs, ntok, nchars in pool.imap_unordered(_encode_and_write, tasks):
+            for prefix, ndocs, ntok, nbytes in pool.imap_unordered(_encode_and_write, tasks):
                 counts[prefix] = (ndocs, ntok)
-                on_chunk and on_chunk(nchars)
+                on_chunk and on_chunk(ndocs, nbytes, ntok)
 
     # add_index runs gc.collect() per part, which costs ~0.3 s each with torch and megatron-core
     # loaded; frozen objects are skipped, so only what the merge itself allocates is scanned.
