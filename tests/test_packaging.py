@@ -262,3 +262,11 @@ def test_a_built_wheel_trains_from_an_unrelated_directory(tmp_path):
         shown = subprocess.run([str(venv / "bin" / script), "--help"], cwd=elsewhere, env=env, capture_output=True,
                                text=True, timeout=120)
         assert shown.returncode == 0 and "usage:" in shown.stdout, (script, shown.stderr[-2000:])
+
+
+def test_every_package_folder_is_listed():
+    """A folder of modules left out of [tool.setuptools] packages is missing from the wheel (its
+    imports fail only once installed)."""
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "pretrain").rglob("__init__.py")}
+    assert found - listed == set(), f"add to [tool.setuptools] packages in pyproject.toml: {sorted(found - listed)}"
