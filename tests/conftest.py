@@ -17,3 +17,8 @@ def _restore_environment():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+# The single-node Slurm (tests/slurm_cluster.py), registered here once so that every test module
+# shares one controller on its fixed ports.
+from slurm_cluster import slurm  # noqa: E402, F401

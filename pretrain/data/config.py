@@ -114,8 +114,10 @@ class TokenizerConfig:
     kind: str = "bpe"
     vocab_size: int = 8192
     min_frequency: int = 2
-    # BPE training reads at most this many bytes of text, spread over all sources (seeded).
+    # BPE training reads a sample of about this many bytes of text, drawn from every source in
+    # proportion to its size (each document with probability train_bytes / total, seeded).
     train_bytes: int = 20_000_000
+    seed: int = 0  # of that sample
     eod_token: str = "<|endoftext|>"
     path: Optional[str] = None  # kind=file
     vocab_file: Optional[str] = None  # kind=gpt2
@@ -128,6 +130,26 @@ class StagesConfig:
     quality: QualityConfig = field(default_factory=QualityConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     decontam: DecontamConfig = field(default_factory=DecontamConfig)
+
+
+@dataclass
+class SlurmExecutorConfig:
+    # conf/cluster/<name>.yaml gives partition, account, qos, time, python, workdir, setup, env and
+    # extra_sbatch (the launcher's schema); overrides are its cluster.KEY=VALUE items, e.g. ["time=02:00:00"].
+    cluster: str = "local-cpu"
+    overrides: List[str] = field(default_factory=list)
+    cpus_per_task: int = 1
+    mem_per_cpu: Optional[str] = None  # --mem-per-cpu, e.g. 4G; null: the partition's default
+    max_parallel: Optional[int] = None  # array tasks running at once (null: as many as Slurm gives)
+    poll_seconds: float = 2.0  # how often the driver asks squeue whether a stage's job is done
+
+
+@dataclass
+class RayExecutorConfig:
+    # An existing cluster ("auto", "host:port" or "ray://host:port"); null: a local one started for the job.
+    address: Optional[str] = None
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: float = 2.0
 
 
 @dataclass
@@ -144,8 +166,16 @@ class DataConfig:
     split: str = "949,50,1"
     # Evaluation files (text, one document per file, or JSONL with text_field) to decontaminate against.
     eval_files: List[str] = field(default_factory=list)
-    # Tokenize+write worker processes (None: all cores).
+    # Where the stages' tasks run: local (num_workers processes on this machine), slurm (array
+    # jobs, settings in slurm) or ray (a cluster at ray.address, or a local one). Same outputs.
+    executor: str = "local"
+    # Processes the local executor runs at once (None: all cores).
     num_workers: Optional[int] = None
+    # Largest piece of an upstream stage's output one task of a chunked stage (decontam,
+    # tokenize+write) reads: bounds a task's memory; smaller pieces spread work over more tasks.
+    task_bytes: int = 64_000_000
+    slurm: SlurmExecutorConfig = field(default_factory=SlurmExecutorConfig)
+    ray: RayExecutorConfig = field(default_factory=RayExecutorConfig)
     # Mixture report: planned training tokens (None: sum of source tokens) and the epoch count
     # above which a source is flagged.
     token_budget: Optional[int] = None

@@ -51,36 +51,59 @@ def _exact_key(text: str) -> bytes:
     return hashlib.blake2b(" ".join(text.lower().split()).encode(), digest_size=16).digest()
 
 
+class Deduplicator:
+    """Streaming deduplication: ``keep(source, doc)`` for each document in order (sources in the
+    order wanted: curated first). Holds the exact-text hashes and the MinHash signatures of the
+    documents kept so far, not their text; ``counts[source]`` says why documents were removed."""
+
+    def __init__(self, cfg: DedupConfig):
+        self.cfg = cfg
+        self.counts: Dict[str, Counter] = {}
+        self._shared = self._new_index()
+        self._indexes: Dict[str, tuple] = {}
+
+    def _new_index(self):
+        from datasketch import MinHashLSH
+
+        lsh = MinHashLSH(threshold=self.cfg.threshold, num_perm=self.cfg.num_perm, weights=tuple(self.cfg.lsh_weights))
+        return set(), lsh, {}
+
+    def keep(self, source: str, doc: Doc) -> bool:
+        cfg, c = self.cfg, self.counts.setdefault(source, Counter())
+        if cfg.across_sources:
+            seen, lsh, sigs = self._shared
+        else:
+            if source not in self._indexes:
+                self._indexes[source] = self._new_index()
+            seen, lsh, sigs = self._indexes[source]
+        doc_id, text = doc
+        if cfg.exact:
+            key = _exact_key(text)
+            if key in seen:
+                c["exact_duplicate"] += 1
+                return False
+            seen.add(key)
+        m = minhash(text, cfg)
+        if any(m.jaccard(sigs[k]) >= cfg.threshold for k in lsh.query(m)):
+            c["near_duplicate"] += 1
+            return False
+        key = f"{source}/{doc_id}/{len(sigs)}"
+        lsh.insert(key, m)
+        sigs[key] = m
+        return True
+
+
 def deduplicate(docs_by_source: Dict[str, List[Doc]], cfg: DedupConfig, progress=None) -> Tuple[Dict[str, List[Doc]], Dict[str, Counter]]:
     """Return kept documents per source and counts of exact/fuzzy duplicates removed;
     ``progress(text)`` is called for every document as it is looked at."""
-    from datasketch import MinHashLSH
-
-    def new_index():
-        lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, weights=tuple(cfg.lsh_weights))
-        return set(), lsh, {}
-
-    shared = new_index()
-    out, counts = {}, {}
+    dd = Deduplicator(cfg)
+    out = {}
     for name, docs in docs_by_source.items():
-        seen, lsh, sigs = shared if cfg.across_sources else new_index()
-        kept, c = [], Counter()
-        for doc_id, text in docs:
+        kept = []
+        for doc in docs:
             if progress is not None:
-                progress(text)
-            if cfg.exact:
-                key = _exact_key(text)
-                if key in seen:
-                    c["exact_duplicate"] += 1
-                    continue
-                seen.add(key)
-            m = minhash(text, cfg)
-            if any(m.jaccard(sigs[k]) >= cfg.threshold for k in lsh.query(m)):
-                c["near_duplicate"] += 1
-                continue
-            key = f"{name}/{doc_id}/{len(sigs)}"
-            lsh.insert(key, m)
-            sigs[key] = m
-            kept.append((doc_id, text))
-        out[name], counts[name] = kept, c
-    return out, counts
+                progress(doc[1])
+            if dd.keep(name, doc):
+                kept.append(doc)
+        out[name] = kept
+    return out, {n: dd.counts.get(n, Counter()) for n in docs_by_source}

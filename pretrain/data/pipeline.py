@@ -3,6 +3,7 @@
 Every stage's key is computed up front from the config and the inputs' fingerprints (file
 sizes and mtimes), so a finished run is recognised without reading any text: the second call
 (other ranks after the barrier, or a re-run) is a cheap cache hit. Called by rank 0 first.
+Each stage runs as tasks on data.executor (stages.py, tasks.py, executors.py).
 """
 
 from __future__ import annotations
@@ -16,17 +17,13 @@ from typing import Dict, List, Tuple
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pretrain.data import cache
+from pretrain.data import cache, stages
 from pretrain.data.config import DataConfig, StagesConfig
 from pretrain.data.mixture import mixture_report, print_report, write_report
-from pretrain.data.progress import StageProgress, write_stage_stats
-from pretrain.data.sources import BadRecords, DataConfigError, fingerprint, read_source
-from pretrain.data.stats import nbytes, print_stage_table, stage_stats
-from pretrain.data.tokenizer import eod_id, fixed_fingerprint, load_fixed, sample_for_training, train_bpe
+from pretrain.data.progress import StageProgress
+from pretrain.data.sources import DataConfigError, fingerprint
+from pretrain.data.tokenizer import fixed_fingerprint
 from pretrain.data.validation import check, effective_stages  # noqa: F401  (effective_stages: API)
-
-Docs = Dict[str, List[Tuple[str, str]]]
-
 
 @dataclass
 class PreparedData:
@@ -74,17 +71,17 @@ def _keys(cfg: DataConfig, eff: Dict[str, StagesConfig]) -> Dict[str, object]:
     for s in cfg.sources:
         # on_bad_record decides what the read keeps (drop) or whether it finishes at all (error).
         ident = {k: getattr(s, k) for k in ("path", "format", "text_field", "max_docs", "on_bad_record")}
-        clean[s.name] = cache.make_key("clean-v2", ident, fingerprint(s, cfg.root), asdict(eff[s.name].clean))
+        clean[s.name] = cache.make_key("clean-v3", ident, fingerprint(s, cfg.root), asdict(eff[s.name].clean))
     order = [s.name for s in cfg.sources]
     quality = cache.make_key(
-        "quality-v1", order, clean, {s.name: (s.curated, asdict(eff[s.name].quality)) for s in cfg.sources}
+        "quality-v2", order, clean, {s.name: (s.curated, asdict(eff[s.name].quality)) for s in cfg.sources}
     )
-    dedup = cache.make_key("dedup-v1", quality, asdict(cfg.stages.dedup), {n: e.dedup.enabled for n, e in eff.items()})
+    dedup = cache.make_key("dedup-v2", quality, asdict(cfg.stages.dedup), {n: e.dedup.enabled for n, e in eff.items()})
     evals = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in cfg.eval_files if os.path.isfile(f)]
-    decontam = cache.make_key("decontam-v1", dedup, evals, {n: asdict(e.decontam) for n, e in eff.items()})
+    decontam = cache.make_key("decontam-v2", dedup, evals, {n: asdict(e.decontam) for n, e in eff.items()})
     tok = asdict(cfg.tokenizer)
-    tokenizer = cache.make_key("tokenizer-v1", tok, decontam if cfg.tokenizer.kind == "bpe" else fixed_fingerprint(cfg.tokenizer))
-    shards = cache.make_key("shards-v1", decontam, tokenizer)
+    tokenizer = cache.make_key("tokenizer-v2", tok, decontam if cfg.tokenizer.kind == "bpe" else fixed_fingerprint(cfg.tokenizer))
+    shards = cache.make_key("shards-v2", decontam, tokenizer)
     return dict(clean=clean, quality=quality, dedup=dedup, decontam=decontam, tokenizer=tokenizer, shards=shards)
 
 
@@ -92,12 +89,14 @@ def _keys(cfg: DataConfig, eff: Dict[str, StagesConfig]) -> Dict[str, object]:
 
 
 class _Run:
-    """State of one prepare_data call: config, console, and the documents of the latest stage."""
+    """State of one prepare_data call: config, console, and each finished stage's stats."""
 
     def __init__(self, cfg: DataConfig, eff: Dict[str, StagesConfig], console):
         self.cfg, self.eff, self.console = cfg, eff, console
         self.root = Path(os.path.expanduser(cfg.cache_dir))
         self.stats: Dict[str, dict] = {}
+        # The tasks' copy of the config: plain data, interpolations resolved.
+        self.cfg_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
     def progress(self, desc: str, total_bytes=None, tokens: bool = False) -> StageProgress:
         """A stage's progress bar (data.progress, on a terminal): docs, MB, MB/s, ETA, tokens/s."""
@@ -105,202 +104,21 @@ class _Run:
 
         return StageProgress(desc, total_bytes, bool(self.cfg.progress) and sys.stderr.isatty(), tokens)
 
-    def docs_files(self, stage: str, key: str) -> Dict[str, Path]:
+    def workers(self, tasks: int) -> int:
+        """Processes the local executor runs at once for a stage of ``tasks`` tasks."""
+        return max(1, min(self.cfg.num_workers or len(os.sched_getaffinity(0)), tasks))
+
+    def chunk_bytes(self, parts: Dict[str, List[Path]]) -> int:
+        """Bytes per task of a chunked stage: a 16th of its input (so that workers finish together),
+        at least 1 MB, at most data.task_bytes; never the worker count, so that the stage's output
+        is the same on any executor."""
+        total = sum(p.stat().st_size for ps in parts.values() for p in ps)
+        return int(min(self.cfg.task_bytes, max(1_000_000, total // 16)))
+
+    def docs_files(self, stage: str, key: str) -> Dict[str, List[Path]]:
         m = cache.read_manifest(cache.stage_dir(self.root, stage, key))
         self.stats[stage] = m.get("stats", {})
-        return {n: self.root / rel for n, rel in m["docs"].items()}
-
-    def check_nonempty(self, stage: str, docs: Docs) -> None:
-        empty = [n for n, d in docs.items() if not d]
-        if empty:
-            raise DataConfigError(
-                f"source(s) {empty} have no documents left after {stage}; loosen data.stages.{stage} "
-                f"(or that source's overrides), or remove the source"
-            )
-
-
-def _kinds(counts) -> str:
-    return ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()))
-
-
-def _ticking(docs, bar: StageProgress):
-    for doc in docs:
-        bar.doc(doc[1])
-        yield doc
-
-
-def _load(files: Dict[str, Path]) -> Docs:
-    return {n: cache.read_docs(p) for n, p in files.items()}
-
-
-def _save_stage(
-    run: _Run, stage: str, key: str, docs: Docs, changed: set, upstream: Dict[str, Path], stats: dict, t0: float
-) -> Dict[str, Path]:
-    """Write changed sources' documents; unchanged ones keep pointing at the upstream file."""
-    path = cache.stage_dir(run.root, stage, key)
-    with cache.building(path) as (tmp, manifest):
-        rel = {}
-        for n in docs:
-            if n in changed:
-                cache.write_docs(tmp / f"{n}.jsonl", docs[n])
-                rel[n] = str((path / f"{n}.jsonl").relative_to(run.root))
-            else:
-                rel[n] = str(upstream[n].relative_to(run.root))
-        manifest.update(docs=rel, stats=stats)
-        write_stage_stats(tmp, stage, stats, time.time() - t0)
-    run.stats[stage] = stats
-    print_stage_table(run.console, stage, stats, note=f"{time.time() - t0:.1f}s")
-    return {n: run.root / r for n, r in rel.items()}
-
-
-# ---- stages ---------------------------------------------------------------------------------------
-
-
-def _stage_clean(run: _Run, keys) -> Dict[str, Path]:
-    from pretrain.data.clean import clean_documents
-
-    files, stats, t0 = {}, {}, time.time()
-    for i, s in enumerate(run.cfg.sources):
-        path = cache.stage_dir(run.root, "clean", keys["clean"][s.name])
-        if cache.is_done(path):
-            stats[s.name] = cache.read_manifest(path)["stats"]
-        else:
-            with cache.building(path) as (tmp, manifest):
-                raw, cfg, key = [], run.eff[s.name].clean, f"data.sources[{i}]"
-                bad = BadRecords(s, key)
-
-                def reading(bar):
-                    for doc in read_source(s, run.cfg.root, key=key, bad=bad, max_invalid_utf8_fraction=cfg.max_invalid_utf8_fraction):
-                        raw.append(doc)
-                        bar.doc(doc[1])
-                        yield doc
-
-                t_source = time.time()
-                with run.progress(f"read + clean {s.name}") as bar:
-                    kept, why = clean_documents(reading(bar), cfg) if cfg.enabled else (list(reading(bar)), {})
-                if not raw:
-                    dropped = f" ({bad.total} bad records dropped: {_kinds(bad.counts)})" if bad.total else ""
-                    raise DataConfigError(
-                        f"{key} (source {s.name!r}): no documents in {key}.path={s.path}{dropped}; "
-                        f"point it at the data or remove the source"
-                    )
-                if bad.total:
-                    run.console.print(
-                        f"[yellow]warning:[/yellow] {s.name}: dropped {bad.total:,} bad records ({_kinds(bad.counts)}), "
-                        f"e.g. {bad.examples[0]}"
-                    )
-                run.check_nonempty("clean", {s.name: kept})
-                cache.write_docs(tmp / "docs.jsonl", kept)
-                manifest["stats"] = stats[s.name] = {**stage_stats(raw, kept, why), **bad.summary()}
-                write_stage_stats(tmp, "clean", {s.name: stats[s.name]}, time.time() - t_source)
-        files[s.name] = path / "docs.jsonl"
-    run.stats["clean"] = stats
-    print_stage_table(run.console, "read + clean", stats, note=f"{time.time() - t0:.1f}s")
-    return files
-
-
-def _stage_quality(run: _Run, keys, upstream: Dict[str, Path]) -> Dict[str, Path]:
-    from pretrain.data.quality import quality_filter
-
-    cfgs = {s.name: run.eff[s.name].quality for s in run.cfg.sources}
-    targets = [s.name for s in run.cfg.sources if cfgs[s.name].enabled and not s.curated]
-    if not targets:
-        return upstream
-    t0 = time.time()
-    docs = _load(upstream)
-    curated = {s.name: docs[s.name] for s in run.cfg.sources if s.curated}
-    kept, why = quality_filter(curated, {n: docs[n] for n in targets}, cfgs[targets[0]])
-    run.check_nonempty("quality", kept)
-    stats = {n: stage_stats(docs[n], kept[n], why[n]) for n in targets}
-    return _save_stage(run, "quality", keys["quality"], {**docs, **kept}, set(targets), upstream, stats, t0)
-
-
-def _stage_dedup(run: _Run, keys, upstream: Dict[str, Path]) -> Dict[str, Path]:
-    from pretrain.data.dedup import deduplicate
-
-    cfg = run.cfg.stages.dedup
-    targets = [s for s in run.cfg.sources if run.eff[s.name].dedup.enabled]
-    if not cfg.enabled or not targets:
-        return upstream
-    t0 = time.time()
-    docs = _load(upstream)
-    order = [s.name for s in sorted(targets, key=lambda s: not s.curated)]  # curated first
-    with run.progress("dedup", sum(nbytes(docs[n]) for n in order)) as bar:
-        kept, why = deduplicate({n: docs[n] for n in order}, cfg, progress=bar.doc)
-    run.check_nonempty("dedup", kept)
-    stats = {n: stage_stats(docs[n], kept[n], why[n]) for n in order}
-    return _save_stage(run, "dedup", keys["dedup"], {**docs, **kept}, set(order), upstream, stats, t0)
-
-
-def _stage_decontam(run: _Run, keys, upstream: Dict[str, Path]) -> Dict[str, Path]:
-    from pretrain.data.decontam import build_eval_ngrams, decontaminate
-
-    targets = [s.name for s in run.cfg.sources if run.eff[s.name].decontam.enabled]
-    if not targets or not run.cfg.eval_files:
-        return upstream
-    t0 = time.time()
-    docs = _load(upstream)
-    kept, stats = {}, {}
-    grams_by_n = {}
-    for n in targets:
-        c = run.eff[n].decontam
-        if c.ngram not in grams_by_n:
-            grams_by_n[c.ngram] = build_eval_ngrams(run.cfg.eval_files, c.ngram)
-        with run.progress(f"decontam {n}", nbytes(docs[n])) as bar:
-            kept[n], why = decontaminate(_ticking(docs[n], bar), grams_by_n[c.ngram], c)
-        stats[n] = stage_stats(docs[n], kept[n], why)
-    run.check_nonempty("decontam", kept)
-    return _save_stage(run, "decontam", keys["decontam"], {**docs, **kept}, set(targets), upstream, stats, t0)
-
-
-def _stage_tokenizer(run: _Run, keys, upstream: Dict[str, Path]) -> Path:
-    path = cache.stage_dir(run.root, "tokenizer", keys["tokenizer"])
-    if cache.is_done(path):
-        return path / "tokenizer.json"
-    tc = run.cfg.tokenizer
-    with cache.building(path) as (tmp, manifest):
-        t0 = time.time()
-        if tc.kind == "bpe":
-            docs = _load(upstream)
-            texts = {n: [t for _, t in d] for n, d in docs.items()}
-            tok = train_bpe(sample_for_training(texts, tc.train_bytes), tc)
-            what = f"trained a byte-level BPE, vocab {tok.get_vocab_size():,}"
-        else:
-            tok = load_fixed(tc)
-            what = f"loaded the {tc.kind} tokenizer, vocab {tok.get_vocab_size():,}"
-        tok.save(str(tmp / "tokenizer.json"))
-        manifest.update(vocab_size=tok.get_vocab_size(), eod_id=eod_id(tok, tc.eod_token))
-        write_stage_stats(tmp, "tokenizer", {}, time.time() - t0, kind=tc.kind, vocab_size=tok.get_vocab_size())
-    run.console.print(f"tokenizer: {what} in {time.time() - t0:.1f}s")
-    return path / "tokenizer.json"
-
-
-def _stage_shards(run: _Run, keys, upstream: Dict[str, Path], tokenizer_file: Path) -> Path:
-    from pretrain.data.shards import write_shards
-
-    path = cache.stage_dir(run.root, "shards", keys["shards"])
-    tok_manifest = cache.read_manifest(tokenizer_file.parent)
-    docs = _load(upstream)
-    texts = {n: [t for _, t in d] for n, d in docs.items()}
-    in_stats = {n: {"docs_in": len(d), "bytes_in": nbytes(d)} for n, d in docs.items()}
-    t0 = time.time()
-    total = sum(s["bytes_in"] for s in in_stats.values())
-    with cache.building(path) as (tmp, manifest), run.progress("tokenize+write", total, tokens=True) as bar:
-        out = write_shards(
-            texts, str(tokenizer_file), tok_manifest["eod_id"], tok_manifest["vocab_size"], tmp,
-            num_workers=run.cfg.num_workers, on_chunk=bar.add,
-        )
-        manifest.update(
-            tokenizer_key=keys["tokenizer"],
-            sources={n: {"docs": o["docs"], "tokens": o["tokens"]} for n, o in out.items()},
-            stats=run.stats,
-        )
-        ntok, dt = sum(o["tokens"] for o in out.values()), time.time() - t0
-        for n, o in out.items():
-            in_stats[n].update(tokens=o["tokens"])
-        write_stage_stats(tmp, "shards", in_stats, dt, tokens=ntok, tokens_per_s=round(ntok / max(dt, 1e-9)))
-    run.console.print(f"tokenize+write: {ntok:,} tokens in {dt:.1f}s ({ntok / max(dt, 1e-9):,.0f} tokens/s)")
-    return path
+        return {n: [self.root / r for r in rels] for n, rels in m["docs"].items()}
 
 
 # ---- entry ----------------------------------------------------------------------------------------
@@ -326,20 +144,22 @@ def prepare_data(data_cfg, console=None) -> PreparedData:
     if hit:
         console.print(f"data [bold]{cfg.name}[/bold]: reusing prepared shards {shard_path}")
     else:
-        console.print(f"data [bold]{cfg.name}[/bold]: preparing {len(cfg.sources)} sources into {run.root}")
-        if (cfg.num_workers or len(os.sched_getaffinity(0))) > 1:  # write_shards' worker count
-            from pretrain.data.shards import start_worker_server
+        console.print(f"data [bold]{cfg.name}[/bold]: preparing {len(cfg.sources)} sources into {run.root} "
+                      f"(executor {cfg.executor})")
+        from pretrain.data.executors import shutdown
 
-            start_worker_server()  # its imports overlap the stages before tokenize+write
-        files = _stage_clean(run, keys)
-        for stage, fn in (("quality", _stage_quality), ("dedup", _stage_dedup), ("decontam", _stage_decontam)):
-            if cache.is_done(cache.stage_dir(run.root, stage, keys[stage])):
-                files = run.docs_files(stage, keys[stage])
-                console.print(f"{stage}: reusing cached output")
-            else:
-                files = fn(run, keys, files)
-        tok_file = _stage_tokenizer(run, keys, files)
-        _stage_shards(run, keys, files, tok_file)
+        try:
+            files = stages.clean(run, keys)
+            for stage, fn in (("quality", stages.quality), ("dedup", stages.dedup), ("decontam", stages.decontam)):
+                if cache.is_done(cache.stage_dir(run.root, stage, keys[stage])):
+                    files = run.docs_files(stage, keys[stage])
+                    console.print(f"{stage}: reusing cached output")
+                else:
+                    files = fn(run, keys, files)
+            tok_file = stages.tokenizer(run, keys, files)
+            stages.shards(run, keys, files, tok_file)
+        finally:
+            shutdown()  # a local Ray started for this job
         console.print(f"data prepared in {time.time() - t0:.1f}s")
     return _prepared(cfg, run.root, keys, shard_path, console, hit)
 

@@ -302,6 +302,16 @@ def _check_tokenizer(cfg: DataConfig, problems: List[str]) -> None:
 
 
 def _check_misc(cfg: DataConfig, problems: List[str]) -> None:
+    from pretrain.data.executors import EXECUTORS
+
+    if cfg.executor not in EXECUTORS:
+        problems.append(f"data.executor={cfg.executor!r}: choose one of {'|'.join(EXECUTORS)}")
+    elif cfg.executor == "slurm":
+        _check_slurm(cfg, problems)
+    elif cfg.executor == "ray":
+        _check_ray(cfg, problems)
+    if cfg.task_bytes < 100_000:
+        problems.append(f"data.task_bytes={cfg.task_bytes}: must be at least 100000 (bytes per task of a chunked stage)")
     if cfg.num_workers is not None and cfg.num_workers < 1:
         problems.append(f"data.num_workers={cfg.num_workers}: must be at least 1, or null for all cores")
     cache = Path(os.path.expanduser(str(cfg.cache_dir)))
@@ -313,6 +323,39 @@ def _check_misc(cfg: DataConfig, problems: List[str]) -> None:
             parent = parent.parent
         if not os.access(parent, os.W_OK | os.X_OK):
             problems.append(f"data.cache_dir={cfg.cache_dir}: {parent} is not writable; choose a writable folder (or set PRETRAIN_CACHE)")
+
+
+def _check_slurm(cfg: DataConfig, problems: List[str]) -> None:
+    import shutil
+
+    from pretrain.errors import UserError
+    from pretrain.launch.cluster import load_cluster
+
+    sc = cfg.slurm
+    try:
+        load_cluster(sc.cluster, list(sc.overrides))
+    except UserError as e:
+        problems.append(f"data.slurm.cluster={sc.cluster!r}: {e}".replace("\n", "; "))
+    missing = [b for b in ("sbatch", "squeue") if shutil.which(b) is None]
+    if missing:
+        problems.append(f"data.executor=slurm: {' and '.join(missing)} not found on PATH; run on a Slurm login node, "
+                        f"or choose data.executor=local|ray")
+    for name, value, low in (("cpus_per_task", sc.cpus_per_task, 1), ("max_parallel", sc.max_parallel, 1)):
+        if value is not None and value < low:
+            problems.append(f"data.slurm.{name}={value}: must be at least {low}")
+    if not sc.poll_seconds > 0:
+        problems.append(f"data.slurm.poll_seconds={sc.poll_seconds}: must be positive")
+
+
+def _check_ray(cfg: DataConfig, problems: List[str]) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        problems.append("data.executor=ray needs the ray package: pip install 'pretrain[ray]' (or choose data.executor=local)")
+    if cfg.ray.cpus_per_task < 1:
+        problems.append(f"data.ray.cpus_per_task={cfg.ray.cpus_per_task}: must be at least 1")
+    if not cfg.ray.mem_per_cpu_gb > 0:
+        problems.append(f"data.ray.mem_per_cpu_gb={cfg.ray.mem_per_cpu_gb}: must be positive")
 
 
 def check(data_cfg) -> Tuple[DataConfig, Dict[str, StagesConfig]]:

@@ -1,5 +1,7 @@
-"""A data job killed with SIGKILL during deduplication, then run again: it completes, reuses the
-stages that had finished, and its outputs equal an uninterrupted run's, byte for byte."""
+"""A data job killed with SIGKILL, then run again: it completes, reuses the stages that had finished
+and, within a stage, the tasks that had; and its outputs equal an uninterrupted run's, byte for byte.
+Killed during deduplication (one task over every source) and during tokenize+write (one task per
+100 kB chunk)."""
 
 import json
 import os
@@ -26,7 +28,7 @@ prepare_data(json.loads(sys.argv[1]), console=Console(stderr=True))
 
 def _config(corpus: Path, cache_dir: Path, eval_files) -> dict:
     return {
-        "name": "killed", "cache_dir": str(cache_dir), "progress": False, "num_workers": 2,
+        "name": "killed", "cache_dir": str(cache_dir), "progress": False, "num_workers": 2, "task_bytes": 100_000,
         "sources": [{"name": "synth", "path": str(corpus / "part-*.jsonl"), "curated": True}],
         "eval_files": eval_files, "tokenizer": {"vocab_size": 512}, "split": "98,1,1",
     }
@@ -59,44 +61,65 @@ def corpus(tmp_path_factory):
     return out, key.eval_paths(out)
 
 
-def test_sigkill_during_dedup_then_rerun_equals_uninterrupted(corpus, tmp_path):
+def _completions(cache_dir: Path, stage: str) -> list:
+    return sorted((cache_dir / "_logs" / stage).glob("*/completions/*"))
+
+
+def _killed_during(stage: str, cache_dir: Path):
+    """(started, predicate): the stage has begun; for the chunked stage, some but not all its tasks are done."""
+    if stage == "dedup":  # clean published: dedup (one task, seconds) has begun
+        return lambda: bool(_stage_dirs(cache_dir, "clean"))
+    return lambda: len(_completions(cache_dir, stage)) >= 2
+
+
+@pytest.mark.parametrize("stage", ["dedup", "shards"])
+def test_sigkill_then_rerun_equals_uninterrupted(corpus, tmp_path, stage):
     out, evals = corpus
     killed_cache, clean_cache = tmp_path / "killed", tmp_path / "uninterrupted"
     proc = _start(_config(out, killed_cache, evals))
-    deadline = time.time() + 300
-    while not _stage_dirs(killed_cache, "clean"):  # clean done: dedup (all in memory, seconds) has begun
+    started, deadline = _killed_during(stage, killed_cache), time.time() + 300
+    while not started():
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-4000:]
-        time.sleep(0.05)
-    time.sleep(0.5)
+        time.sleep(0.02)
+    if stage == "dedup":
+        time.sleep(0.5)
     children = psutil.Process(proc.pid).children(recursive=True)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
-    # Killed during dedup: clean published, nothing after it, and no stray temporary output published.
-    assert not _stage_dirs(killed_cache, "dedup") and not _stage_dirs(killed_cache, "shards")
+    # Killed inside the stage: the stages before it published, it and those after it not.
+    assert not _stage_dirs(killed_cache, stage) and not _stage_dirs(killed_cache, "shards")
     (clean_dir,) = _stage_dirs(killed_cache, "clean")
     clean_manifest = (clean_dir / "manifest.json").stat().st_mtime_ns
-    # The workers' server (started early for tokenize+write) goes with its parent.
+    done_logs = {}
+    if stage == "shards":
+        done = _completions(killed_cache, stage)
+        (logs,) = {p.parent.parent for p in done}
+        ntasks = len(json.loads((killed_cache / stage / f".{logs.name}.partial" / "plan.json").read_text())["units"])
+        assert 2 <= len(done) < ntasks, (len(done), ntasks)
+        done_logs = {p: p.stat().st_mtime_ns for p in (logs / "logs" / f"task_{c.name}.log" for c in done)}
+    # No process of the job outlives it (the workers' pipes close; no manager server is left).
     gone, alive = psutil.wait_procs(children, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
 
     rerun = _finish(_start(_config(out, killed_cache, evals)))
     assert "data prepared" in rerun
     assert (clean_dir / "manifest.json").stat().st_mtime_ns == clean_manifest  # reused, not redone
+    assert {p: p.stat().st_mtime_ns for p in done_logs} == done_logs  # finished tasks were not run again
     _finish(_start(_config(out, clean_cache, evals)))
 
-    for stage in ("clean", "dedup", "decontam", "tokenizer", "shards"):
-        (a,), (b,) = _stage_dirs(killed_cache, stage), _stage_dirs(clean_cache, stage)
-        assert a.name == b.name, stage  # the same content key
+    for name in ("clean", "dedup", "decontam", "tokenizer", "shards"):
+        (a,), (b,) = _stage_dirs(killed_cache, name), _stage_dirs(clean_cache, name)
+        assert a.name == b.name, name  # the same content key
         fa, fb = _files(a), _files(b)
-        assert fa.keys() == fb.keys(), stage
-        for name in fa:
-            if name.endswith(".json"):  # stage timings and rates differ; everything else must not
-                ma, mb = (_without_timings(json.loads(f[name])) for f in (fa, fb))
-                assert ma == mb, stage
+        assert fa.keys() == fb.keys(), name
+        for f in fa:
+            if f.endswith(".json"):  # stage timings and rates differ; everything else must not
+                ma, mb = (_without_timings(json.loads(x[f])) for x in (fa, fb))
+                assert ma == mb, name
             else:
-                assert fa[name] == fb[name], f"{stage}/{name} differs"
+                assert fa[f] == fb[f], f"{name}/{f} differs"
     dedup_stats = json.loads((_stage_dirs(killed_cache, "dedup")[0] / "manifest.json").read_text())["stats"]
     assert dedup_stats["synth"]["docs_out"] < dedup_stats["synth"]["docs_in"]  # the planted duplicates went
 

@@ -1,6 +1,7 @@
 """prepare_data: round trip, caching, crash safety, and early errors for bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -8,7 +9,8 @@ from rich.console import Console
 from conftest import synth_cfg
 from data_synth import make_doc, write_jsonl
 from pretrain.data import DataConfigError, prepare_data
-from pretrain.data.cache import building, read_docs
+from pretrain.data.cache import building
+from pretrain.data.tasks import read_parts
 
 QUIET = Console(quiet=True)
 
@@ -26,7 +28,7 @@ def test_round_trip_tokens_text_and_eod(prepared_synth, synth_dir):
 
     manifests = sorted(glob.glob(f"{root}/dedup/*/manifest.json"))
     assert len(manifests) == 1
-    docs = {n: read_docs(f"{root}/{rel}") for n, rel in json.load(open(manifests[0]))["docs"].items()}
+    docs = {n: list(read_parts([Path(root) / r for r in rels])) for n, rels in json.load(open(manifests[0]))["docs"].items()}
     for name, prefix, _ in p.sources:
         ds = IndexedDataset(prefix)
         assert len(ds) == len(docs[name]) == p.docs[name]

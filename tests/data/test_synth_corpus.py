@@ -173,7 +173,8 @@ def run_stages(out: Path, key: Key, cache_dir: Path, clean: dict | None = None):
     """
     from rich.console import Console
 
-    from pretrain.data import cache, pipeline
+    from pretrain.data import pipeline, stages
+    from pretrain.data.tasks import read_parts
 
     over = {"clean": clean} if clean else {}
     cfg = {
@@ -184,13 +185,13 @@ def run_stages(out: Path, key: Key, cache_dir: Path, clean: dict | None = None):
     typed, eff = pipeline.check(cfg)
     keys = pipeline._keys(typed, eff)
     run = pipeline._Run(typed, eff, Console(quiet=True))
-    files = pipeline._stage_clean(run, keys)
-    clean = dict(cache.read_docs(files["synth"]))
-    files = pipeline._stage_quality(run, keys, files)
-    files = pipeline._stage_dedup(run, keys, files)
-    dedup = dict(cache.read_docs(files["synth"]))
-    files = pipeline._stage_decontam(run, keys, files)
-    decontam = cache.read_docs(files["synth"])
+    files = stages.clean(run, keys)
+    clean = dict(read_parts(files["synth"]))
+    files = stages.quality(run, keys, files)
+    files = stages.dedup(run, keys, files)
+    dedup = dict(read_parts(files["synth"]))
+    files = stages.decontam(run, keys, files)
+    decontam = list(read_parts(files["synth"]))
     return clean, dedup, decontam, run.stats
 
 

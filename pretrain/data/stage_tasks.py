@@ -1,0 +1,238 @@
+"""The bodies of the stages' tasks (see tasks.py): what one task does with its unit.
+
+Each runs in a worker process (or a Slurm task, or a Ray actor) from a plain-data context: the data
+config as a dict, the cache root, and the upstream part files. Each streams: it holds one chunk's
+documents at most, except the stages that need a whole view (quality: the classifier's features;
+dedup: the signatures of the documents kept so far; the tokenizer: its bounded training sample).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import zlib
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, List
+
+from pretrain.data.tasks import Chunk, read_chunk, read_parts, task, write_part
+
+PART = "part-{:05d}.jsonl"
+
+
+@functools.lru_cache(maxsize=4)
+def _config(blob: str):
+    import json
+
+    from pretrain.data.pipeline import to_config
+
+    return to_config(json.loads(blob))
+
+
+def config(ctx: dict):
+    import json
+
+    return _config(json.dumps(ctx["cfg"], sort_keys=True))
+
+
+def stats(docs_in: int, bytes_in: int, docs_out: int, bytes_out: int, reasons=None) -> dict:
+    """The per-source counts of stats.stage_stats, from counters instead of lists."""
+    return {"docs_in": docs_in, "docs_out": docs_out, "docs_dropped": docs_in - docs_out, "bytes_in": bytes_in,
+            "bytes_out": bytes_out, "bytes_dropped": bytes_in - bytes_out, "reasons": dict(reasons or {})}
+
+
+class _Counted:
+    """Iterate documents, counting them and their UTF-8 bytes."""
+
+    def __init__(self, docs):
+        self.docs, self.n, self.nbytes = docs, 0, 0
+
+    def __iter__(self):
+        for doc in self.docs:
+            self.n += 1
+            self.nbytes += len(doc[1].encode("utf-8"))
+            yield doc
+
+
+def _parts(ctx: dict, name: str) -> List[Path]:
+    root = Path(ctx["root"])
+    return [root / p for p in ctx["parts"][name]]
+
+
+# ---- read + clean: one task per source ---------------------------------------------------------------
+
+
+@task("clean")
+def clean_task(ctx: dict, unit: int, folder: Path, rank: int) -> dict:
+    from pretrain.data.clean import clean_document
+    from pretrain.data.records import BadRecords
+    from pretrain.data.sources import read_source
+    from pretrain.data.validation import effective_stages
+
+    cfg = config(ctx)
+    src = cfg.sources[unit]
+    c = effective_stages(cfg, src).clean
+    key = f"data.sources[{unit}]"
+    bad = BadRecords(src, key)
+    raw = _Counted(read_source(src, cfg.root, key=key, bad=bad, max_invalid_utf8_fraction=c.max_invalid_utf8_fraction))
+    why, seen = Counter(), set()  # C4's repeated-span rule looks back over the whole source
+
+    def cleaned() -> Iterator:
+        for doc_id, text in raw:
+            if not c.enabled:
+                yield doc_id, text
+                continue
+            out, w = clean_document(text, c, seen)
+            why.update(w)
+            if out is not None:
+                yield doc_id, out
+
+    n, nbytes = write_part(folder / src.name / PART.format(0), cleaned())
+    return {"source": src.name, "stats": {**stats(raw.n, raw.nbytes, n, nbytes, why), **bad.summary()},
+            "progress": {"docs": raw.n, "bytes": raw.nbytes}}
+
+
+# ---- quality, dedup and the tokenizer: one task that sees every source ----------------------------
+
+
+@task("quality")
+def quality_task(ctx: dict, unit, folder: Path, rank: int) -> dict:
+    from pretrain.data.config import QualityConfig
+    from pretrain.data.quality import quality_filter
+    from pretrain.data.stats import stage_stats
+
+    docs = {n: list(read_parts(_parts(ctx, n))) for n in ctx["parts"]}
+    targets, curated = ctx["targets"], ctx["curated"]
+    kept, why = quality_filter({n: docs[n] for n in curated}, {n: docs[n] for n in targets}, QualityConfig(**ctx["quality"]))
+    out = {}
+    for n in targets:
+        write_part(folder / n / PART.format(0), kept[n])
+        out[n] = stage_stats(docs[n], kept[n], why[n])
+    return {"stats": out}
+
+
+@task("dedup")
+def dedup_task(ctx: dict, unit, folder: Path, rank: int) -> dict:
+    from pretrain.data.dedup import Deduplicator
+
+    cfg = config(ctx)
+    dd = Deduplicator(cfg.stages.dedup)
+    out = {}
+    for n in ctx["order"]:  # curated sources first: their copies are the ones kept
+        docs = _Counted(read_parts(_parts(ctx, n)))
+        kept, nbytes = write_part(folder / n / PART.format(0), (d for d in docs if dd.keep(n, d)))
+        out[n] = stats(docs.n, docs.nbytes, kept, nbytes, dd.counts[n])
+    return {"stats": out}
+
+
+@task("tokenizer")
+def tokenizer_task(ctx: dict, unit, folder: Path, rank: int) -> dict:
+    from pretrain.data.tokenizer import eod_id, load_fixed, train_bpe
+
+    cfg = config(ctx)
+    tc = cfg.tokenizer
+    if tc.kind == "bpe":
+        tok = train_bpe(_sample(ctx, tc.train_bytes, tc.seed), tc)
+        what = f"trained a byte-level BPE, vocab {tok.get_vocab_size():,}"
+    else:
+        tok = load_fixed(tc)
+        what = f"loaded the {tc.kind} tokenizer, vocab {tok.get_vocab_size():,}"
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    return {"vocab_size": tok.get_vocab_size(), "eod_id": eod_id(tok, tc.eod_token), "what": what}
+
+
+def _sample(ctx: dict, budget: int, seed: int) -> List[str]:
+    """A seeded sample of about ``budget`` bytes of text, each source contributing in proportion to
+    its size: every document is drawn with probability budget / total (all of them when the corpus
+    is smaller), streaming, so memory is bounded by the budget."""
+    import numpy as np
+
+    total = sum(ctx["bytes"].values()) or 1
+    p = min(1.0, budget / total)
+    out: List[str] = []
+    for n in ctx["parts"]:
+        rng = np.random.default_rng([seed, zlib.crc32(n.encode())])
+        left = p * ctx["bytes"][n]
+        for _, text in read_parts(_parts(ctx, n)):
+            if left <= 0:
+                break
+            if p >= 1.0 or rng.random() < p:
+                out.append(text)
+                left -= len(text.encode("utf-8"))
+    return out
+
+
+# ---- decontam and tokenize+write: one task per chunk of the upstream parts --------------------------
+
+
+@functools.lru_cache(maxsize=2)
+def _eval_ngrams(files: tuple, n: int):
+    from pretrain.data.decontam import build_eval_ngrams
+
+    return build_eval_ngrams(list(files), n)
+
+
+@task("decontam")
+def decontam_task(ctx: dict, unit: Chunk, folder: Path, rank: int) -> dict:
+    from pretrain.data.decontam import decontaminate
+    from pretrain.data.validation import effective_stages
+
+    cfg = config(ctx)
+    src = next(s for s in cfg.sources if s.name == unit.source)
+    c = effective_stages(cfg, src).decontam
+    docs = _Counted(read_chunk(Path(ctx["root"]), unit))
+    kept, why = decontaminate(docs, _eval_ngrams(tuple(cfg.eval_files), c.ngram), c)
+    n, nbytes = write_part(folder / unit.source / PART.format(rank), kept)
+    return {"source": unit.source, "stats": stats(docs.n, docs.nbytes, n, nbytes, why), "progress": {"docs": docs.n}}
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(path: str):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(path)
+
+
+@task("shards")
+def shards_task(ctx: dict, unit: Chunk, folder: Path, rank: int) -> dict:
+    """Encode one chunk into a partial megatron IndexedDataset, ``_parts/<rank>.bin/.idx`` (each
+    document's ids, then the end-of-text id); the driver concatenates a source's partials in order."""
+    import numpy as np
+    from datatrove.pipeline.tokens.megatron_tokenizer import MegatronTokenizedFile
+
+    if ctx["single_thread"]:  # one tokenizer thread per worker process: the workers use the cores
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    tok, eod = _tokenizer(ctx["tokenizer_file"]), ctx["eod_id"]
+    token_size = 2 if ctx["vocab_size"] <= np.iinfo(np.uint16).max + 1 else 4
+    (folder / "_parts").mkdir(parents=True, exist_ok=True)
+    out = MegatronTokenizedFile(str(folder / "_parts"), f"{rank:05d}", token_size=token_size)
+    docs, ntok, batch = _Counted(read_chunk(Path(ctx["root"]), unit)), 0, []
+
+    def flush():
+        nonlocal ntok
+        for enc in tok.encode_batch(batch, add_special_tokens=False):
+            out.write(enc.ids + [eod])
+            ntok += len(enc.ids) + 1
+        batch.clear()
+
+    for _, text in docs:
+        batch.append(text)
+        if len(batch) == 512:
+            flush()
+    flush()
+    out.close()
+    return {"source": unit.source, "docs": docs.n, "bytes": docs.nbytes, "tokens": ntok,
+            "progress": {"docs": docs.n, "tokens": ntok}}
+
+
+def merge_parts(folder: Path, source: str, ranks: List[int], token_size: int) -> None:
+    """Concatenate the partial IndexedDatasets of ``ranks`` (in order) into ``folder/<source>``."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    dtype = np.uint16 if token_size == 2 else np.int32
+    builder = IndexedDatasetBuilder(str(folder / f"{source}.bin"), dtype=dtype)
+    for r in ranks:
+        builder.add_index(str(folder / "_parts" / f"{r:05d}"))
+    builder.finalize(str(folder / f"{source}.idx"))

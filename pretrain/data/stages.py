@@ -1,0 +1,222 @@
+"""The driver's side of each stage: plan its tasks, run them on the executor, check and publish.
+
+Every stage's output folder holds, per source, its part files (JSONL, ``<source>/part-NNNNN.jsonl``;
+the manifest's ``docs`` lists them in order); a source a stage leaves unchanged keeps pointing at
+the upstream parts. The task bodies are in stage_tasks.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, List
+
+from pretrain.data import cache
+from pretrain.data.executors import run_tasks
+from pretrain.data.progress import write_stage_stats
+from pretrain.data.records import DataConfigError
+from pretrain.data.stats import print_stage_table
+from pretrain.data.tasks import chunks_of, publish
+
+Parts = Dict[str, List[Path]]
+
+
+def _kinds(counts) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in sorted(counts.items()))
+
+
+def _rel(run, paths: List[Path]) -> List[str]:
+    return [str(p.relative_to(run.root)) for p in paths]
+
+
+def _context(run, **extra) -> dict:
+    return {"cfg": run.cfg_dict, "root": str(run.root), **extra}
+
+
+def _published_parts(run, stage: str, key: str, partial: Path, names) -> Dict[str, List[str]]:
+    """The part files the tasks wrote in ``partial``, as paths under the published folder."""
+    final = cache.stage_dir(run.root, stage, key)
+    return {n: [str((final / p.relative_to(partial)).relative_to(run.root)) for p in sorted((partial / n).glob("part-*.jsonl"))]
+            for n in names}
+
+
+def _finish(run, stage: str, key: str, partial: Path, docs: Dict[str, List[str]], stats: dict, t0: float,
+            extra_manifest: dict | None = None) -> Parts:
+    write_stage_stats(partial, stage, stats, time.time() - t0)
+    publish(partial, cache.stage_dir(run.root, stage, key), {"docs": docs, "stats": stats, **(extra_manifest or {})})
+    run.stats[stage] = stats
+    print_stage_table(run.console, stage, stats, note=f"{time.time() - t0:.1f}s")
+    return {n: [run.root / r for r in rels] for n, rels in docs.items()}
+
+
+def _sum_stats(results: List[dict]) -> Dict[str, dict]:
+    """Per-source totals of the tasks' stats (several chunks of one source add up)."""
+    out: Dict[str, dict] = {}
+    for r in results:
+        s, acc = r["stats"], out.setdefault(r["source"], {})
+        for k, v in s.items():
+            if k == "reasons":
+                reasons = acc.setdefault("reasons", {})
+                for why, n in v.items():
+                    reasons[why] = reasons.get(why, 0) + n
+            else:
+                acc[k] = acc.get(k, 0) + v
+    return out
+
+
+def _size(parts) -> int:
+    """Bytes of part files ({source: [paths]}) or of chunks: the progress bar's total."""
+    if isinstance(parts, dict):
+        return sum(p.stat().st_size for ps in parts.values() for p in ps)
+    return sum(c.end - c.start for c in parts)
+
+
+def _nonempty(stage: str, stats: Dict[str, dict]) -> None:
+    empty = [n for n, s in stats.items() if s["docs_out"] == 0]
+    if empty:
+        raise DataConfigError(
+            f"source(s) {empty} have no documents left after {stage}; loosen data.stages.{stage} "
+            f"(or that source's overrides), or remove the source"
+        )
+
+
+# ---- read + clean: per source, one task each ---------------------------------------------------------
+
+
+def clean(run, keys) -> Parts:
+    t0, cfg = time.time(), run.cfg
+    todo = [(i, s) for i, s in enumerate(cfg.sources) if not cache.is_done(cache.stage_dir(run.root, "clean", keys["clean"][s.name]))]
+    stats = {}
+    if todo:
+        job = cache.make_key("clean-job", [keys["clean"][s.name] for _, s in todo])
+        partial, results = run_tasks(run, "clean", job, [i for i, _ in todo], _context(run), "read + clean", None)
+        for (i, s), res in zip(todo, results):
+            st, key = res["stats"], f"data.sources[{i}]"
+            if st["docs_in"] == 0:
+                dropped = f" ({st['bad_records']} bad records dropped: {_kinds(st['bad_record_kinds'])})" if st.get("bad_records") else ""
+                raise DataConfigError(f"{key} (source {s.name!r}): no documents in {key}.path={s.path}{dropped}; "
+                                      f"point it at the data or remove the source")
+        for (i, s), res in zip(todo, results):
+            st = res["stats"]
+            if st.get("bad_records"):
+                run.console.print(f"[yellow]warning:[/yellow] {s.name}: dropped {st['bad_records']:,} bad records "
+                                  f"({_kinds(st['bad_record_kinds'])}), e.g. {st['bad_record_examples'][0]}")
+            _nonempty("clean", {s.name: st})
+        for (i, s), res in zip(todo, results):
+            final = cache.stage_dir(run.root, "clean", keys["clean"][s.name])
+            sub = partial / s.name
+            write_stage_stats(sub, "clean", {s.name: res["stats"]}, res["seconds"])
+            rel = [str((final / p.name).relative_to(run.root)) for p in sorted(sub.glob("part-*.jsonl"))]
+            publish(sub, final, {"docs": {s.name: rel}, "stats": res["stats"]})
+        shutil.rmtree(partial, ignore_errors=True)
+    files = {}
+    for s in cfg.sources:
+        m = cache.read_manifest(cache.stage_dir(run.root, "clean", keys["clean"][s.name]))
+        stats[s.name] = m["stats"]
+        files[s.name] = [run.root / r for r in m["docs"][s.name]]
+    run.stats["clean"] = stats
+    print_stage_table(run.console, "read + clean", stats, note=f"{time.time() - t0:.1f}s")
+    return files
+
+
+# ---- quality, dedup: one task over every source -----------------------------------------------------
+
+
+def quality(run, keys, upstream: Parts) -> Parts:
+    cfgs = {s.name: run.eff[s.name].quality for s in run.cfg.sources}
+    targets = [s.name for s in run.cfg.sources if cfgs[s.name].enabled and not s.curated]
+    if not targets:
+        return upstream
+    t0 = time.time()
+    ctx = _context(run, parts={n: _rel(run, p) for n, p in upstream.items()}, targets=targets,
+                   curated=[s.name for s in run.cfg.sources if s.curated], quality=asdict(cfgs[targets[0]]))
+    partial, (res,) = run_tasks(run, "quality", keys["quality"], [0], ctx, "quality", _size(upstream))
+    _nonempty("quality", res["stats"])
+    docs = {n: _rel(run, p) for n, p in upstream.items()} | _published_parts(run, "quality", keys["quality"], partial, targets)
+    return _finish(run, "quality", keys["quality"], partial, docs, res["stats"], t0)
+
+
+def dedup(run, keys, upstream: Parts) -> Parts:
+    targets = [s for s in run.cfg.sources if run.eff[s.name].dedup.enabled]
+    if not run.cfg.stages.dedup.enabled or not targets:
+        return upstream
+    t0 = time.time()
+    order = [s.name for s in sorted(targets, key=lambda s: not s.curated)]  # curated first
+    ctx = _context(run, parts={n: _rel(run, upstream[n]) for n in order}, order=order)
+    partial, (res,) = run_tasks(run, "dedup", keys["dedup"], [0], ctx, "dedup", _size({n: upstream[n] for n in order}))
+    _nonempty("dedup", res["stats"])
+    docs = {n: _rel(run, p) for n, p in upstream.items()} | _published_parts(run, "dedup", keys["dedup"], partial, order)
+    return _finish(run, "dedup", keys["dedup"], partial, docs, res["stats"], t0)
+
+
+# ---- decontam: one task per chunk --------------------------------------------------------------------
+
+
+def decontam(run, keys, upstream: Parts) -> Parts:
+    targets = [s.name for s in run.cfg.sources if run.eff[s.name].decontam.enabled]
+    if not targets or not run.cfg.eval_files:
+        return upstream
+    t0 = time.time()
+    chunks = chunks_of(run.root, {n: upstream[n] for n in targets}, run.chunk_bytes(upstream))
+    partial, results = run_tasks(run, "decontam", keys["decontam"], chunks, _context(run), "decontam", _size(chunks))
+    stats = _sum_stats(results)
+    _nonempty("decontam", stats)
+    docs = {n: _rel(run, p) for n, p in upstream.items()} | _published_parts(run, "decontam", keys["decontam"], partial, targets)
+    return _finish(run, "decontam", keys["decontam"], partial, docs, stats, t0)
+
+
+# ---- the tokenizer: one task -------------------------------------------------------------------------
+
+
+def tokenizer(run, keys, upstream: Parts) -> Path:
+    path = cache.stage_dir(run.root, "tokenizer", keys["tokenizer"])
+    if cache.is_done(path):
+        return path / "tokenizer.json"
+    t0 = time.time()
+    sizes = {n: sum(p.stat().st_size for p in ps) for n, ps in upstream.items()}
+    ctx = _context(run, parts={n: _rel(run, p) for n, p in upstream.items()}, bytes=sizes)
+    partial, (res,) = run_tasks(run, "tokenizer", keys["tokenizer"], [0], ctx, "tokenizer", None)
+    write_stage_stats(partial, "tokenizer", {}, time.time() - t0, kind=run.cfg.tokenizer.kind, vocab_size=res["vocab_size"])
+    publish(partial, path, {"vocab_size": res["vocab_size"], "eod_id": res["eod_id"]})
+    run.console.print(f"tokenizer: {res['what']} in {time.time() - t0:.1f}s")
+    return path / "tokenizer.json"
+
+
+# ---- tokenize+write: one task per chunk, then each source's partials concatenated --------------------
+
+
+def shards(run, keys, upstream: Parts, tokenizer_file: Path) -> Path:
+    import gc
+
+    import numpy as np
+
+    from pretrain.data.stage_tasks import merge_parts
+
+    path = cache.stage_dir(run.root, "shards", keys["shards"])
+    tm = cache.read_manifest(tokenizer_file.parent)
+    t0 = time.time()
+    chunks = chunks_of(run.root, upstream, run.chunk_bytes(upstream))
+    ctx = _context(run, tokenizer_file=str(tokenizer_file), eod_id=tm["eod_id"], vocab_size=tm["vocab_size"],
+                   single_thread=run.workers(len(chunks)) > 1)
+    partial, results = run_tasks(run, "shards", keys["shards"], chunks, ctx, "tokenize+write", _size(chunks), tokens=True)
+    token_size = 2 if tm["vocab_size"] <= np.iinfo(np.uint16).max + 1 else 4
+    sources = {}
+    gc.freeze()  # add_index runs gc.collect() per part: skip the objects that exist already
+    try:
+        for n in upstream:
+            ranks = [r for r, c in enumerate(chunks) if c.source == n]
+            merge_parts(partial, n, ranks, token_size)
+            sources[n] = {"docs": sum(results[r]["docs"] for r in ranks), "tokens": sum(results[r]["tokens"] for r in ranks),
+                          "docs_in": sum(results[r]["docs"] for r in ranks), "bytes_in": sum(results[r]["bytes"] for r in ranks)}
+    finally:
+        gc.unfreeze()
+    shutil.rmtree(partial / "_parts")
+    ntok, dt = sum(s["tokens"] for s in sources.values()), time.time() - t0
+    write_stage_stats(partial, "shards", {n: {"docs_in": s["docs_in"], "bytes_in": s["bytes_in"], "tokens": s["tokens"]}
+                                          for n, s in sources.items()}, dt, tokens=ntok, tokens_per_s=round(ntok / max(dt, 1e-9)))
+    publish(partial, path, {"tokenizer_key": keys["tokenizer"], "sources": {n: {"docs": s["docs"], "tokens": s["tokens"]}
+                                                                              for n, s in sources.items()}, "stats": run.stats})
+    run.console.print(f"tokenize+write: {ntok:,} tokens in {dt:.1f}s ({ntok / max(dt, 1e-9):,.0f} tokens/s)")
+    return path

@@ -1,0 +1,179 @@
+"""Stages as tasks: a stage's work is cut into units that run independently, in any order and on
+any executor (``executors.py``), each writing its own output files and a small JSON result.
+
+A stage is built in a stable partial folder, ``<cache>/<stage>/.<key>.partial/``, so a data job
+killed mid-stage and run again redoes only the tasks that had not finished (datatrove's completion
+markers, kept under ``<cache>/_logs/<stage>/<key>/`` with each task's log); the driver publishes
+the folder under its key (one rename) once every task is done. Outputs depend on the units and the
+config only, never on the executor, the number of workers or the order tasks ran in.
+
+Chunked stages (decontam, tokenize+write) cut every upstream part file into byte ranges: a chunk
+holds the lines that *start* inside its range, so chunks cover each file exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Sequence, Tuple
+
+from datatrove.pipeline.base import PipelineStep
+
+from pretrain.errors import UserError
+
+Doc = Tuple[str, str]
+RESULTS = "_results"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The lines of ``root/path`` that start at byte offsets in [start, end)."""
+
+    source: str
+    path: str  # relative to the cache root
+    start: int
+    end: int
+
+
+def chunks_of(root: Path, parts: Dict[str, List[Path]], target_bytes: int) -> List[Chunk]:
+    """Every part file cut into ~``target_bytes`` ranges, sources and parts in order."""
+    out = []
+    for source, files in parts.items():
+        for f in files:
+            size = f.stat().st_size
+            n = max(1, -(-size // max(target_bytes, 1)))
+            bounds = [size * i // n for i in range(n + 1)]
+            out += [Chunk(source, str(f.relative_to(root)), a, b) for a, b in zip(bounds, bounds[1:])]
+    return out
+
+
+def read_chunk(root: Path, chunk: Chunk) -> Iterator[Doc]:
+    with open(root / chunk.path, "rb") as f:
+        if chunk.start > 0:  # skip the line that started before this range (or the newline ending it)
+            f.seek(chunk.start - 1)
+            f.readline()
+        while f.tell() < chunk.end:
+            line = f.readline()
+            if not line:
+                break
+            d = json.loads(line)
+            yield d["id"], d["text"]
+
+
+def write_part(path: Path, docs) -> Tuple[int, int]:
+    """Write documents as JSONL (published by rename); returns (documents, text bytes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    n = nbytes = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for doc_id, text in docs:
+            f.write(json.dumps({"id": doc_id, "text": text}, ensure_ascii=False))
+            f.write("\n")
+            n += 1
+            nbytes += len(text.encode("utf-8"))
+    os.replace(tmp, path)
+    return n, nbytes
+
+
+def read_parts(paths: Sequence[Path]) -> Iterator[Doc]:
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            for line in f:
+                d = json.loads(line)
+                yield d["id"], d["text"]
+
+
+# ---- the datatrove step every task runs -------------------------------------------------------------
+
+
+TaskFn = Callable[[dict, object, Path, int], dict]
+_TASKS: Dict[str, TaskFn] = {}
+
+
+def task(name: str):
+    """Register ``fn(context, unit, folder, rank) -> result`` as the body of stage ``name``'s tasks."""
+
+    def register(fn: TaskFn) -> TaskFn:
+        _TASKS[name] = fn
+        return fn
+
+    return register
+
+
+class StageTasks(PipelineStep):
+    """Runs task ``rank`` of a stage: the registered body on ``units[rank]``; writes its result to
+    ``folder/_results/<rank>.json``. A bad-input error (UserError) is recorded as the result, so the
+    driver raises it with its own message instead of a worker's traceback."""
+
+    name = "pretrain stage"
+    type = "pretrain"
+
+    def __init__(self, stage: str, units: list, context: dict, folder: str):
+        super().__init__()
+        self.stage, self.units, self.context, self.folder = stage, units, context, folder
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        import pretrain.data.stage_tasks  # noqa: F401  (registers the bodies in a fresh worker)
+
+        folder, t0 = Path(self.folder), time.time()
+        try:
+            result = _TASKS[self.stage](self.context, self.units[rank], folder, rank)
+        except UserError as e:
+            result = {"error": {"type": type(e).__name__, "message": str(e)}}
+        result["seconds"] = round(time.time() - t0, 3)
+        out = folder / RESULTS / f"{rank:05d}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, out)
+        return None
+
+
+def plan_text(units: list, context: dict) -> str:
+    return json.dumps({"units": [asdict(u) if hasattr(u, "__dataclass_fields__") else u for u in units],
+                       "context": context}, sort_keys=True, default=str)
+
+
+def prepare_partial(partial: Path, logs: Path, plan: str) -> None:
+    """Make ``partial`` (and the tasks' log folder) ready for this plan; a folder left by another
+    plan (other units) is discarded with its completion markers, since its tasks are not ours."""
+    marker = partial / "plan.json"
+    if marker.is_file() and marker.read_text() != plan:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(logs, ignore_errors=True)
+    if not marker.is_file():
+        shutil.rmtree(logs, ignore_errors=True)  # completions without their outputs mean nothing
+        partial.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_name(f".plan.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_text(plan)
+        os.replace(tmp, marker)
+
+
+def read_results(partial: Path, n: int) -> List[dict]:
+    out = []
+    for r in range(n):
+        path = partial / RESULTS / f"{r:05d}.json"
+        out.append(json.loads(path.read_text()) if path.is_file() else None)
+    return out
+
+
+def publish(partial: Path, final: Path, manifest: dict) -> None:
+    """Write the manifest and move the partial folder to its key (atomic); task bookkeeping goes."""
+    from pretrain.data.cache import MANIFEST
+
+    shutil.rmtree(partial / RESULTS, ignore_errors=True)
+    (partial / "plan.json").unlink(missing_ok=True)
+    for stale in partial.rglob(".*.tmp-*"):  # half-written by a task of a killed run (since redone)
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    (partial / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    try:
+        os.rename(partial, final)
+    except OSError:
+        if not (final / MANIFEST).is_file():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)  # another job published the same key meanwhile
