@@ -12,10 +12,22 @@ Installed as `pretrain_kernels` (the PyPI name `kernels` belongs to another proj
 See README.md in this folder for the algorithms, memory traffic and FLOP counts.
 """
 
-from . import reference
-from ._backend import get_backend, interpreting, set_backend
-from .blocks import attention_block_backward, attention_block_forward
-from .ops import HEAD_DIMS, apply_rotary, causal_attention, rms_norm
+import sys as _sys
+
+if __name__ == "pretrain_kernels":
+    from . import reference
+    from ._backend import get_backend, interpreting, set_backend
+    from .blocks import attention_block_backward, attention_block_forward
+    from .ops import HEAD_DIMS, apply_rotary, causal_attention, rms_norm
+else:
+    # Imported as `kernels`: this folder is on sys.path (the repository root as the working directory)
+    # and a library probed for the PyPI package of that name, as transformers does on import. Hand out
+    # the one real package: running the files again would define the custom ops a second time, and
+    # torch then destroys the first registration, leaving pretrain_kernels' ops dangling (a crash at
+    # their next call).
+    import importlib as _importlib
+
+    _sys.modules[__name__] = _importlib.import_module("pretrain_kernels")
 
 __all__ = [
     "HEAD_DIMS",

@@ -8,6 +8,9 @@ imported lazily: they bind their kernels to the interpreter or the GPU compiler 
 
 from __future__ import annotations
 
+if __name__.partition(".")[0] != "pretrain_kernels":  # see __init__.py: the ops must be defined once
+    raise ImportError(f"{__name__}: import this module as pretrain_kernels.{__name__.rpartition('.')[2]}")
+
 import contextlib
 from typing import Optional
 
