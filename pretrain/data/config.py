@@ -132,6 +132,9 @@ class StagesConfig:
     decontam: DecontamConfig = field(default_factory=DecontamConfig)
 
 
+EXECUTORS = ("local", "slurm", "ray")  # data.executor (executors.py)
+
+
 @dataclass
 class SlurmExecutorConfig:
     # conf/cluster/<name>.yaml gives partition, account, qos, time, python, workdir, setup, env and

@@ -13,11 +13,10 @@ import threading
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from pretrain.data.config import DataConfig
+from pretrain.data.config import EXECUTORS, DataConfig
 from pretrain.data.records import DataConfigError
-from pretrain.data.tasks import StageTasks, plan_text, prepare_partial, read_results
-
-EXECUTORS = ("local", "slurm", "ray")
+from pretrain.data.stage_tasks import StageTasks
+from pretrain.data.tasks import plan_text, prepare_partial, read_results
 
 
 def _quiet_datatrove() -> None:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from pretrain.data import cache, stages
 from pretrain.data.config import DataConfig, StagesConfig
@@ -23,7 +22,7 @@ from pretrain.data.mixture import mixture_report, print_report, write_report
 from pretrain.data.progress import StageProgress
 from pretrain.data.sources import DataConfigError, fingerprint
 from pretrain.data.tokenizer import fixed_fingerprint
-from pretrain.data.validation import check, effective_stages  # noqa: F401  (effective_stages: API)
+from pretrain.data.validation import check, effective_stages, to_config  # noqa: F401  (effective_stages, to_config: API)
 
 @dataclass
 class PreparedData:
@@ -42,20 +41,6 @@ class PreparedData:
 
 
 # ---- config ---------------------------------------------------------------------------------------
-
-
-def to_config(data_cfg) -> DataConfig:
-    """The typed DataConfig of a composed ``data`` section (DictConfig, dict or DataConfig)."""
-    if isinstance(data_cfg, DataConfig):
-        return data_cfg
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(DataConfig), data_cfg)
-        missing = sorted(OmegaConf.missing_keys(merged))
-        if missing:
-            raise DataConfigError(f"data config: set {', '.join('data.' + k for k in missing)} (no value given)")
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        raise DataConfigError(f"data config: {e}".replace("\n", "; ")) from None
 
 
 def validate(cfg) -> Dict[str, StagesConfig]:

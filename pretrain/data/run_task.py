@@ -10,7 +10,8 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
-from pretrain.data.tasks import Chunk, StageTasks
+from pretrain.data.stage_tasks import StageTasks
+from pretrain.data.tasks import Chunk
 
 
 def write_spec(path: Path, step: StageTasks, tasks: int, logs: str) -> Path:

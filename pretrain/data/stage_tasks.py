@@ -9,22 +9,72 @@ dedup: the signatures of the documents kept so far; the tokenizer: its bounded t
 from __future__ import annotations
 
 import functools
+import json
 import os
+import time
+import uuid
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import Iterator, List
+from typing import Callable, Dict, Iterator, List
 
-from pretrain.data.tasks import Chunk, read_chunk, read_parts, task, write_part
+from datatrove.pipeline.base import PipelineStep
+
+from pretrain.data.tasks import RESULTS, Chunk, read_chunk, read_parts, write_part
+from pretrain.errors import UserError
 
 PART = "part-{:05d}.jsonl"
+
+
+# ---- the datatrove step every task runs -------------------------------------------------------------
+
+
+TaskFn = Callable[[dict, object, Path, int], dict]
+_TASKS: Dict[str, TaskFn] = {}
+
+
+def task(name: str):
+    """Register ``fn(context, unit, folder, rank) -> result`` as the body of stage ``name``'s tasks."""
+
+    def register(fn: TaskFn) -> TaskFn:
+        _TASKS[name] = fn
+        return fn
+
+    return register
+
+
+class StageTasks(PipelineStep):
+    """Runs task ``rank`` of a stage: the registered body on ``units[rank]``; writes its result to
+    ``folder/_results/<rank>.json``. A bad-input error (UserError) is recorded as the result, so the
+    driver raises it with its own message instead of a worker's traceback."""
+
+    name = "pretrain stage"
+    type = "pretrain"
+
+    def __init__(self, stage: str, units: list, context: dict, folder: str):
+        super().__init__()
+        self.stage, self.units, self.context, self.folder = stage, units, context, folder
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        folder, t0 = Path(self.folder), time.time()
+        try:
+            result = _TASKS[self.stage](self.context, self.units[rank], folder, rank)
+        except UserError as e:
+            result = {"error": {"type": type(e).__name__, "message": str(e)}}
+        result["seconds"] = round(time.time() - t0, 3)
+        out = folder / RESULTS / f"{rank:05d}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_text(json.dumps(result))
+        os.replace(tmp, out)
+        return None
 
 
 @functools.lru_cache(maxsize=4)
 def _config(blob: str):
     import json
 
-    from pretrain.data.pipeline import to_config
+    from pretrain.data.validation import to_config
 
     return to_config(json.loads(blob))
 

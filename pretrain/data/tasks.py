@@ -1,5 +1,6 @@
 """Stages as tasks: a stage's work is cut into units that run independently, in any order and on
-any executor (``executors.py``), each writing its own output files and a small JSON result.
+any executor (``executors.py``), each writing its own output files and a small JSON result (the
+datatrove step that runs a task, and the tasks' bodies, are in ``stage_tasks.py``).
 
 A stage is built in a stable partial folder, ``<cache>/<stage>/.<key>.partial/``, so a data job
 killed mid-stage and run again redoes only the tasks that had not finished (datatrove's completion
@@ -16,15 +17,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Sequence, Tuple
-
-from datatrove.pipeline.base import PipelineStep
-
-from pretrain.errors import UserError
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 Doc = Tuple[str, str]
 RESULTS = "_results"
@@ -86,52 +82,6 @@ def read_parts(paths: Sequence[Path]) -> Iterator[Doc]:
             for line in f:
                 d = json.loads(line)
                 yield d["id"], d["text"]
-
-
-# ---- the datatrove step every task runs -------------------------------------------------------------
-
-
-TaskFn = Callable[[dict, object, Path, int], dict]
-_TASKS: Dict[str, TaskFn] = {}
-
-
-def task(name: str):
-    """Register ``fn(context, unit, folder, rank) -> result`` as the body of stage ``name``'s tasks."""
-
-    def register(fn: TaskFn) -> TaskFn:
-        _TASKS[name] = fn
-        return fn
-
-    return register
-
-
-class StageTasks(PipelineStep):
-    """Runs task ``rank`` of a stage: the registered body on ``units[rank]``; writes its result to
-    ``folder/_results/<rank>.json``. A bad-input error (UserError) is recorded as the result, so the
-    driver raises it with its own message instead of a worker's traceback."""
-
-    name = "pretrain stage"
-    type = "pretrain"
-
-    def __init__(self, stage: str, units: list, context: dict, folder: str):
-        super().__init__()
-        self.stage, self.units, self.context, self.folder = stage, units, context, folder
-
-    def run(self, data=None, rank: int = 0, world_size: int = 1):
-        import pretrain.data.stage_tasks  # noqa: F401  (registers the bodies in a fresh worker)
-
-        folder, t0 = Path(self.folder), time.time()
-        try:
-            result = _TASKS[self.stage](self.context, self.units[rank], folder, rank)
-        except UserError as e:
-            result = {"error": {"type": type(e).__name__, "message": str(e)}}
-        result["seconds"] = round(time.time() - t0, 3)
-        out = folder / RESULTS / f"{rank:05d}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.write_text(json.dumps(result))
-        os.replace(tmp, out)
-        return None
 
 
 def plan_text(units: list, context: dict) -> str:

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pretrain.data.config import DataConfig, SourceConfig, StagesConfig
+from pretrain.data.config import EXECUTORS, DataConfig, SourceConfig, StagesConfig
 from pretrain.data.mixture import split_fractions
 from pretrain.data.sources import BAD_RECORD_POLICIES, DataConfigError, source_files
 from pretrain.data.tokenizer import KINDS, load_fixed
@@ -302,8 +302,6 @@ def _check_tokenizer(cfg: DataConfig, problems: List[str]) -> None:
 
 
 def _check_misc(cfg: DataConfig, problems: List[str]) -> None:
-    from pretrain.data.executors import EXECUTORS
-
     if cfg.executor not in EXECUTORS:
         problems.append(f"data.executor={cfg.executor!r}: choose one of {'|'.join(EXECUTORS)}")
     elif cfg.executor == "slurm":
@@ -356,6 +354,20 @@ def _check_ray(cfg: DataConfig, problems: List[str]) -> None:
         problems.append(f"data.ray.cpus_per_task={cfg.ray.cpus_per_task}: must be at least 1")
     if not cfg.ray.mem_per_cpu_gb > 0:
         problems.append(f"data.ray.mem_per_cpu_gb={cfg.ray.mem_per_cpu_gb}: must be positive")
+
+
+def to_config(data_cfg) -> DataConfig:
+    """The typed DataConfig of a composed ``data`` section (DictConfig, dict or DataConfig)."""
+    if isinstance(data_cfg, DataConfig):
+        return data_cfg
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(DataConfig), data_cfg)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise DataConfigError(f"data config: set {', '.join('data.' + k for k in missing)} (no value given)")
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise DataConfigError(f"data config: {e}".replace("\n", "; ")) from None
 
 
 def check(data_cfg) -> Tuple[DataConfig, Dict[str, StagesConfig]]:
