@@ -31,6 +31,28 @@ def _quiet_datatrove() -> None:
     logger.add(sys.stderr, level="ERROR", format="{time:HH:mm:ss} | {level} | {message}")
 
 
+# What the local executor's workers import; its forkserver loads them once, when the data job starts.
+_WORKER_PRELOAD = ["pretrain.data.stage_tasks", "tokenizers", "datatrove.pipeline.tokens.megatron_tokenizer",
+                   "datatrove.executor.local"]
+
+
+def _forkserver():
+    import multiprocess
+
+    ctx = multiprocess.get_context("forkserver")
+    ctx.set_forkserver_preload(_WORKER_PRELOAD)
+    return ctx
+
+
+def start_local_workers() -> None:
+    """Start the local executor's forkserver now (returns at once), so that its imports overlap the
+    stages before the first pool of workers is needed."""
+    from multiprocess import forkserver
+
+    _forkserver()
+    forkserver.ensure_running()
+
+
 def _local(cfg: DataConfig, step: StageTasks, tasks: int, logs: Path, workers: int):
     from datatrove.executor import LocalPipelineExecutor
 
@@ -56,9 +78,7 @@ def _local(cfg: DataConfig, step: StageTasks, tasks: int, logs: Path, workers: i
                 for r in ranks:
                     self._run_one(r)
                 return
-            import multiprocess
-
-            pool = multiprocess.get_context("forkserver").Pool(min(self.workers, len(ranks)))
+            pool = _forkserver().Pool(min(self.workers, len(ranks)))
             try:
                 for _ in pool.imap_unordered(self._run_one, ranks):
                     pass

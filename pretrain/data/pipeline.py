@@ -94,11 +94,11 @@ class _Run:
         return max(1, min(self.cfg.num_workers or len(os.sched_getaffinity(0)), tasks))
 
     def chunk_bytes(self, parts: Dict[str, List[Path]]) -> int:
-        """Bytes per task of a chunked stage: a 16th of its input (so that workers finish together),
-        at least 1 MB, at most data.task_bytes; never the worker count, so that the stage's output
+        """Bytes per task of a chunked stage: a 32nd of its input (so that workers finish together),
+        at least 256 kB, at most data.task_bytes; never the worker count, so that the stage's output
         is the same on any executor."""
         total = sum(p.stat().st_size for ps in parts.values() for p in ps)
-        return int(min(self.cfg.task_bytes, max(1_000_000, total // 16)))
+        return int(min(self.cfg.task_bytes, max(256_000, total // 32)))
 
     def docs_files(self, stage: str, key: str) -> Dict[str, List[Path]]:
         m = cache.read_manifest(cache.stage_dir(self.root, stage, key))
@@ -131,8 +131,10 @@ def prepare_data(data_cfg, console=None) -> PreparedData:
     else:
         console.print(f"data [bold]{cfg.name}[/bold]: preparing {len(cfg.sources)} sources into {run.root} "
                       f"(executor {cfg.executor})")
-        from pretrain.data.executors import shutdown
+        from pretrain.data.executors import shutdown, start_local_workers
 
+        if cfg.executor == "local" and run.workers(1 << 30) > 1:
+            start_local_workers()  # their imports overlap the first stage
         try:
             files = stages.clean(run, keys)
             for stage, fn in (("quality", stages.quality), ("dedup", stages.dedup), ("decontam", stages.decontam)):

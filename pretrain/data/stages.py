@@ -7,7 +7,9 @@ the upstream parts. The task bodies are in stage_tasks.py.
 
 from __future__ import annotations
 
+import importlib
 import shutil
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -197,11 +199,15 @@ def shards(run, keys, upstream: Parts, tokenizer_file: Path) -> Path:
     path = cache.stage_dir(run.root, "shards", keys["shards"])
     tm = cache.read_manifest(tokenizer_file.parent)
     t0 = time.time()
+    # The merge needs megatron-core (and torch: seconds to import); import it while the tasks run.
+    importer = threading.Thread(target=importlib.import_module, args=("megatron.core.datasets.indexed_dataset",), daemon=True)
+    importer.start()
     chunks = chunks_of(run.root, upstream, run.chunk_bytes(upstream))
     ctx = _context(run, tokenizer_file=str(tokenizer_file), eod_id=tm["eod_id"], vocab_size=tm["vocab_size"],
                    single_thread=run.workers(len(chunks)) > 1)
     partial, results = run_tasks(run, "shards", keys["shards"], chunks, ctx, "tokenize+write", _size(chunks), tokens=True)
     token_size = 2 if tm["vocab_size"] <= np.iinfo(np.uint16).max + 1 else 4
+    importer.join()
     sources = {}
     gc.freeze()  # add_index runs gc.collect() per part: skip the objects that exist already
     try:
