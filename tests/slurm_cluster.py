@@ -13,11 +13,8 @@ from pathlib import Path
 
 import pytest
 
-SLURM_CONF = """ClusterName=pretrain-test
-SlurmctldHost=localhost(127.0.0.1)
-SlurmctldPort={ctld_port}
-SlurmdPort={d_port}
-AuthType=auth/munge
+# The settings every test cluster shares: munge, no cgroups (a container), quick scheduling, root.
+SETTINGS = """AuthType=auth/munge
 AuthInfo=cred_expire=5
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -29,7 +26,13 @@ MinJobAge=3600
 KillWait=60
 ReturnToService=2
 SlurmUser=root
-SlurmdUser=root
+SlurmdUser=root"""
+
+SLURM_CONF = """ClusterName=pretrain-test
+SlurmctldHost=localhost(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+{settings}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid
@@ -58,7 +61,7 @@ def slurm(tmp_path_factory):
     for sub in ("state", "spool"):
         (root / sub).mkdir()
     conf = root / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(root=root, ctld_port=6917, d_port=6918))
+    conf.write_text(SLURM_CONF.format(root=root, ctld_port=6917, d_port=6918, settings=SETTINGS))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     if not Path("/etc/munge/munge.key").is_file():
         subprocess.run(["mungekey", "--create"], check=False)

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from harness import FAST, REPO, child_env, run_train
+from slurm_cluster import SETTINGS
 from netns import Hosts, SetupError
 
 pytestmark = pytest.mark.distributed
@@ -125,19 +126,7 @@ SLURM_CONF = """ClusterName=pretrain-multinode
 SlurmctldHost={head}({head_addr})
 SlurmctldPort=6927
 SlurmdPort=6928
-AuthType=auth/munge
-AuthInfo=cred_expire=5
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerParameters=sched_interval=2,bf_interval=2
-MailProg=/bin/true
-MinJobAge=3600
-KillWait=60
-ReturnToService=2
-SlurmUser=root
-SlurmdUser=root
+{settings}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool-%n
 SlurmctldPidFile={root}/slurmctld.pid
@@ -168,7 +157,7 @@ def slurm(hosts, tmp_path_factory):
     head = hosts.names[0]
     conf = root / "slurm.conf"
     conf.write_text(SLURM_CONF.format(root=root, head=head, head_addr=hosts.addresses[head], nodes=nodes,
-                                      names=",".join(hosts.names)))
+                                      names=",".join(hosts.names), settings=SETTINGS))
     for name in hosts.names:
         (root / f"spool-{name}").mkdir()
     env = {**os.environ, "SLURM_CONF": str(conf)}
