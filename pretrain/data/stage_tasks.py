@@ -20,6 +20,7 @@ from typing import Callable, Dict, Iterator, List
 
 from datatrove.pipeline.base import PipelineStep
 
+from pretrain.data.stats import stage_counts
 from pretrain.data.tasks import RESULTS, Chunk, read_chunk, read_parts, write_part
 from pretrain.errors import UserError
 
@@ -85,12 +86,6 @@ def config(ctx: dict):
     return _config(json.dumps(ctx["cfg"], sort_keys=True))
 
 
-def stats(docs_in: int, bytes_in: int, docs_out: int, bytes_out: int, reasons=None) -> dict:
-    """The per-source counts of stats.stage_stats, from counters instead of lists."""
-    return {"docs_in": docs_in, "docs_out": docs_out, "docs_dropped": docs_in - docs_out, "bytes_in": bytes_in,
-            "bytes_out": bytes_out, "bytes_dropped": bytes_in - bytes_out, "reasons": dict(reasons or {})}
-
-
 class _Counted:
     """Iterate documents, counting them and their UTF-8 bytes."""
 
@@ -138,7 +133,7 @@ def clean_task(ctx: dict, unit: int, folder: Path, rank: int) -> dict:
                 yield doc_id, out
 
     n, nbytes = write_part(folder / src.name / PART.format(0), cleaned())
-    return {"source": src.name, "stats": {**stats(raw.n, raw.nbytes, n, nbytes, why), **bad.summary()},
+    return {"source": src.name, "stats": {**stage_counts(raw.n, raw.nbytes, n, nbytes, why), **bad.summary()},
             "progress": {"docs": raw.n, "bytes": raw.nbytes}}
 
 
@@ -171,7 +166,7 @@ def dedup_task(ctx: dict, unit, folder: Path, rank: int) -> dict:
     for n in ctx["order"]:  # curated sources first: their copies are the ones kept
         docs = _Counted(read_parts(_parts(ctx, n)))
         kept, nbytes = write_part(folder / n / PART.format(0), (d for d in docs if dd.keep(n, d)))
-        out[n] = stats(docs.n, docs.nbytes, kept, nbytes, dd.counts[n])
+        out[n] = stage_counts(docs.n, docs.nbytes, kept, nbytes, dd.counts[n])
     return {"stats": out}
 
 
@@ -234,7 +229,7 @@ def decontam_task(ctx: dict, unit: Chunk, folder: Path, rank: int) -> dict:
     docs = _Counted(read_chunk(Path(ctx["root"]), unit))
     kept, why = decontaminate(docs, _eval_ngrams(tuple(cfg.eval_files), c.ngram), c)
     n, nbytes = write_part(folder / unit.source / PART.format(rank), kept)
-    return {"source": unit.source, "stats": stats(docs.n, docs.nbytes, n, nbytes, why), "progress": {"docs": docs.n}}
+    return {"source": unit.source, "stats": stage_counts(docs.n, docs.nbytes, n, nbytes, why), "progress": {"docs": docs.n}}
 
 
 @functools.lru_cache(maxsize=2)

@@ -12,18 +12,22 @@ def nbytes(docs: Sequence[Doc]) -> int:
     return sum(len(t.encode("utf-8")) for _, t in docs)
 
 
-def stage_stats(before: Sequence[Doc], after: Sequence[Doc], reasons: Counter | None = None) -> dict:
+def stage_counts(docs_in: int, bytes_in: int, docs_out: int, bytes_out: int, reasons=None) -> dict:
     """Docs/bytes in and out; ``reasons`` counts why documents (or parts) were dropped or changed."""
-    b_in, b_out = nbytes(before), nbytes(after)
     return {
-        "docs_in": len(before),
-        "docs_out": len(after),
-        "docs_dropped": len(before) - len(after),
-        "bytes_in": b_in,
-        "bytes_out": b_out,
-        "bytes_dropped": b_in - b_out,
+        "docs_in": docs_in,
+        "docs_out": docs_out,
+        "docs_dropped": docs_in - docs_out,
+        "bytes_in": bytes_in,
+        "bytes_out": bytes_out,
+        "bytes_dropped": bytes_in - bytes_out,
         "reasons": dict(reasons or {}),
     }
+
+
+def stage_stats(before: Sequence[Doc], after: Sequence[Doc], reasons: Counter | None = None) -> dict:
+    """stage_counts of two lists of documents."""
+    return stage_counts(len(before), nbytes(before), len(after), nbytes(after), reasons)
 
 
 def print_stage_table(console, stage: str, stats: Dict[str, dict], note: str = "") -> None:
