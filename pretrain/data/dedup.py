@@ -93,17 +93,8 @@ class Deduplicator:
         return True
 
 
-def deduplicate(docs_by_source: Dict[str, List[Doc]], cfg: DedupConfig, progress=None) -> Tuple[Dict[str, List[Doc]], Dict[str, Counter]]:
-    """Return kept documents per source and counts of exact/fuzzy duplicates removed;
-    ``progress(text)`` is called for every document as it is looked at."""
+def deduplicate(docs_by_source: Dict[str, List[Doc]], cfg: DedupConfig) -> Tuple[Dict[str, List[Doc]], Dict[str, Counter]]:
+    """Return kept documents per source and counts of exact/fuzzy duplicates removed."""
     dd = Deduplicator(cfg)
-    out = {}
-    for name, docs in docs_by_source.items():
-        kept = []
-        for doc in docs:
-            if progress is not None:
-                progress(doc[1])
-            if dd.keep(name, doc):
-                kept.append(doc)
-        out[name] = kept
+    out = {name: [doc for doc in docs if dd.keep(name, doc)] for name, docs in docs_by_source.items()}
     return out, {n: dd.counts.get(n, Counter()) for n in docs_by_source}

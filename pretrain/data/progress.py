@@ -12,34 +12,25 @@ STATS_FILE = "stats.json"
 
 class StageProgress:
     """One stage's progress bar, drawn by tqdm: MB done (of ``total_bytes`` when known, which gives
-    the ETA), MB/s, and the documents (and tokens, tokens/s) so far in its postfix. Updates are
-    batched; a disabled bar costs one branch per document."""
+    the ETA), MB/s, and the documents (and tokens, tokens/s) so far in its postfix. The driver
+    advances it as tasks finish."""
 
     def __init__(self, desc: str, total_bytes: Optional[int], enabled: bool, tokens: bool = False, file=None):
         self.enabled, self.tokens = enabled, tokens
-        self.docs = self.ntokens = self._bytes = self._pending = 0
+        self.docs = self.ntokens = 0
         if enabled:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True, leave=False, mininterval=0.5,
                             file=file)
 
-    def doc(self, text: str) -> None:
-        """One document passed the stage."""
-        if self.enabled:
-            self._bytes += len(text.encode("utf-8"))
-            self._pending += 1
-            if self._pending >= 256:
-                self.add(0, 0)
-
     def add(self, docs: int, nbytes: int, tokens: int = 0) -> None:
         """``docs`` documents of ``nbytes`` bytes (and ``tokens`` tokens) passed the stage."""
         if not self.enabled:
             return
-        self.docs += docs + self._pending
+        self.docs += docs
         self.ntokens += tokens
-        self.bar.update(nbytes + self._bytes)
-        self._bytes = self._pending = 0
+        self.bar.update(nbytes)
         post = {"docs": f"{self.docs:,}"}
         if self.tokens:
             rate = self.bar.format_dict["rate"] or 0.0
@@ -49,7 +40,6 @@ class StageProgress:
 
     def close(self) -> None:
         if self.enabled:
-            self.add(0, 0)
             self.bar.close()
 
     def __enter__(self) -> "StageProgress":

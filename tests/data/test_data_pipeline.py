@@ -9,8 +9,8 @@ from rich.console import Console
 from conftest import synth_cfg
 from data_synth import make_doc, write_jsonl
 from pretrain.data import DataConfigError, prepare_data
-from pretrain.data.cache import building
-from pretrain.data.tasks import read_parts
+from pretrain.data.cache import is_done
+from pretrain.data.tasks import plan_text, prepare_partial, publish, read_parts, write_part
 
 QUIET = Console(quiet=True)
 
@@ -47,12 +47,14 @@ def test_second_call_is_a_cache_hit(prepared_synth):
 
 
 def test_crash_mid_stage_leaves_nothing_readable(tmp_path):
+    """A stage's tasks write into its partial folder; until publish, nothing exists under its key."""
     target = tmp_path / "stage" / "key"
-    with pytest.raises(RuntimeError):
-        with building(target) as (tmp, manifest):
-            (tmp / "docs.jsonl").write_text("half")
-            raise RuntimeError("killed")
-    assert not target.exists() and list((tmp_path / "stage").iterdir()) == []
+    partial = tmp_path / "stage" / ".key.partial"
+    prepare_partial(partial, tmp_path / "_logs", plan_text([0], {}))
+    write_part(partial / "a" / "part-00000.jsonl", [("0", "half")])  # then the job is killed
+    assert not target.exists() and not is_done(target)
+    publish(partial, target, {"docs": {"a": ["stage/key/a/part-00000.jsonl"]}})
+    assert is_done(target) and not partial.exists() and sorted(p.name for p in target.iterdir()) == ["a", "manifest.json"]
 
 
 def test_report_written(prepared_synth):

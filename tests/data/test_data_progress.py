@@ -12,23 +12,21 @@ from pretrain.data.progress import StageProgress, read_stage_stats
 def test_progress_counts_documents_bytes_and_tokens():
     out = io.StringIO()
     texts = ["héllo wörld " * 40, "plain ascii " * 30] * 300  # 600 documents, multi-byte characters
-    with StageProgress("tokenize+write", sum(len(t.encode()) for t in texts), True, tokens=True, file=out) as bar:
-        for t in texts[:500]:
-            bar.doc(t)
-        bar.add(100, sum(len(t.encode()) for t in texts[500:]), tokens=12_345)
+    sizes = [len(t.encode()) for t in texts]
+    with StageProgress("tokenize+write", sum(sizes), True, tokens=True, file=out) as bar:
+        bar.add(500, sum(sizes[:500]), tokens=10_000)  # two tasks finished
+        bar.add(100, sum(sizes[500:]), tokens=2_345)
         assert bar.docs == 600 and bar.ntokens == 12_345
-        assert bar.bar.n == bar.bar.total  # bytes, not characters
+        assert bar.bar.n == bar.bar.total
         shown = str(bar.bar)
     assert re.search(r"100%", shown) and "docs=600" in shown and "tokens=12,345" in shown and "tokens_per_s=" in shown
     with StageProgress("read", None, True, file=io.StringIO()) as bar:  # total unknown: MB and rate, no ETA
-        bar.doc("x" * 1000)
-        bar.add(0, 0)
+        bar.add(1, 1000)
         assert bar.bar.n == 1000 and bar.docs == 1
 
 
 def test_disabled_progress_draws_nothing():
     bar = StageProgress("dedup", 10, False)
-    bar.doc("text")
     bar.add(1, 4)
     bar.close()
     assert bar.docs == 0 and not hasattr(bar, "bar")
