@@ -47,22 +47,18 @@ def _fail(message):
     pytest.fail(f"cannot start the test Slurm: {message}", pytrace=False)
 
 
-@pytest.fixture(scope="session")
-def slurm(tmp_path_factory):
-    if os.geteuid() != 0:
-        _fail("the Slurm tests install and start munge/slurmctld/slurmd and must run as root")
+def install_slurm() -> None:
+    """apt-get install munge and slurm-wlm when they are missing (CI runs as root)."""
     if not all(shutil.which(b) for b in ("sbatch", "slurmctld", "slurmd", "munged")):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "munge", "slurm-wlm", "slurm-client"]):
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 _fail(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    root = tmp_path_factory.mktemp("slurm")
-    for sub in ("state", "spool"):
-        (root / sub).mkdir()
-    conf = root / "slurm.conf"
-    conf.write_text(SLURM_CONF.format(root=root, ctld_port=6917, d_port=6918, settings=SETTINGS))
-    env = {**os.environ, "SLURM_CONF": str(conf)}
+
+
+def start_munge() -> bool:
+    """A munge key and a running munged; True when this call started the daemon (so should stop it)."""
     if not Path("/etc/munge/munge.key").is_file():
         subprocess.run(["mungekey", "--create"], check=False)
         subprocess.run(["chown", "munge:munge", "/etc/munge/munge.key"], check=False)
@@ -70,6 +66,21 @@ def slurm(tmp_path_factory):
     started_munge = subprocess.run(["munge", "-n"], capture_output=True).returncode != 0
     if started_munge:
         subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
+    return started_munge
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    if os.geteuid() != 0:
+        _fail("the Slurm tests install and start munge/slurmctld/slurmd and must run as root")
+    install_slurm()
+    root = tmp_path_factory.mktemp("slurm")
+    for sub in ("state", "spool"):
+        (root / sub).mkdir()
+    conf = root / "slurm.conf"
+    conf.write_text(SLURM_CONF.format(root=root, ctld_port=6917, d_port=6918, settings=SETTINGS))
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    started_munge = start_munge()
     try:
         _start_daemons(root, env)
         yield env

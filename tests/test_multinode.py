@@ -12,7 +12,6 @@ its own hostname and address, joined by a veth pair; the filesystem is shared as
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from harness import FAST, REPO, child_env, run_train
-from slurm_cluster import SETTINGS
+from slurm_cluster import SETTINGS, install_slurm, start_munge
 from netns import Hosts, SetupError
 
 pytestmark = pytest.mark.distributed
@@ -145,12 +144,7 @@ def _slurm_logs(root: Path) -> str:
 @pytest.fixture(scope="module")
 def slurm(hosts, tmp_path_factory):
     """slurmctld and a slurmd on the first host, a slurmd on the second: (hosts, environment)."""
-    if not all(shutil.which(b) for b in ("sbatch", "slurmctld", "slurmd", "munged")):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "munge", "slurm-wlm", "slurm-client"]):
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            if proc.returncode != 0:
-                _fail(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    install_slurm()
     root = tmp_path_factory.mktemp("slurm")
     (root / "state").mkdir()
     nodes = "\n".join(f"NodeName={n} NodeAddr={a} CPUs=2 RealMemory=4000 State=UNKNOWN" for n, a in hosts.addresses.items())
@@ -161,13 +155,7 @@ def slurm(hosts, tmp_path_factory):
     for name in hosts.names:
         (root / f"spool-{name}").mkdir()
     env = {**os.environ, "SLURM_CONF": str(conf)}
-    if not Path("/etc/munge/munge.key").is_file():
-        subprocess.run(["mungekey", "--create"], check=False)
-        subprocess.run(["chown", "munge:munge", "/etc/munge/munge.key"], check=False)
-    subprocess.run(["install", "-d", "-o", "munge", "-g", "munge", "/run/munge"], check=True)
-    started_munge = subprocess.run(["munge", "-n"], capture_output=True).returncode != 0
-    if started_munge:
-        subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
+    started_munge = start_munge()
     try:
         for host, daemon in ((head, "slurmctld"), *((h, "slurmd") for h in hosts.names)):
             proc = subprocess.run(hosts.command(host, [daemon]), env=env, capture_output=True, text=True)
