@@ -59,7 +59,7 @@ def _keys(cfg: DataConfig, eff: Dict[str, StagesConfig]) -> Dict[str, object]:
         clean[s.name] = cache.make_key("clean-v3", ident, fingerprint(s, cfg.root), asdict(eff[s.name].clean))
     order = [s.name for s in cfg.sources]
     quality = cache.make_key(
-        "quality-v2", order, clean, {s.name: (s.curated, asdict(eff[s.name].quality)) for s in cfg.sources}
+        "quality-v3", order, clean, {s.name: (s.curated, asdict(eff[s.name].quality)) for s in cfg.sources}
     )
     dedup = cache.make_key("dedup-v2", quality, asdict(cfg.stages.dedup), {n: e.dedup.enabled for n, e in eff.items()})
     evals = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in cfg.eval_files if os.path.isfile(f)]

@@ -3,19 +3,32 @@
 Positives are the curated sources' documents, negatives the documents of the sources being
 filtered (the "raw" ones). A filtered document is kept when ``pareto(alpha) > 1 - score``
 (alpha = 9), so low-scoring documents still survive now and then, as GPT-3 intended.
+
+Bounded memory at any corpus size: the classifier trains on seeded bottom-k samples (the
+``max_train_docs`` documents of each class with the smallest keyed hash of their text, the same
+whatever the order or number of files), holding only their first ``max_chars`` characters; the
+model is two weight vectors (saved as a NumPy ``.npz``, never a pickle); scoring streams documents
+in batches. Scores are cross-fitted: each raw document falls in one of two folds by a hash of its
+text, and is scored by the classifier whose negatives came from the other fold, so no document is
+scored by a model that saw it as a negative. A document's Pareto draw comes from a keyed hash of its
+source, id and text, so the kept set does not depend on how the stage is cut into tasks.
 """
 
 from __future__ import annotations
 
-import zlib
+import hashlib
+import heapq
 from collections import Counter
-from typing import Dict, List, Sequence, Tuple
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
 import numpy as np
 
 from pretrain.data.config import QualityConfig
 
 Doc = Tuple[str, str]
+Model = Dict[str, np.ndarray]  # "coef": [2, n_features] (classifier k scores fold k), "intercept": [2]
+_BATCH = 256
 
 
 def _vectorizer(cfg: QualityConfig):
@@ -26,63 +39,141 @@ def _vectorizer(cfg: QualityConfig):
     )
 
 
-def _head(texts, n: int) -> List[str]:
-    return [t[:n] for t in texts]
+def _digest(cfg: QualityConfig, *parts: str) -> bytes:
+    h = hashlib.blake2b(digest_size=16, key=str(cfg.seed).encode())
+    for p in parts:
+        h.update(p.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.digest()
 
 
-def train_classifier(positives: Sequence[str], negatives: Sequence[str], cfg: QualityConfig):
-    """Fit the classifier; returns a function texts -> P(curated) scores."""
+def fold_and_priority(head: str, cfg: QualityConfig) -> Tuple[int, int]:
+    """A document's cross-fitting fold (0 or 1) and its sampling priority, from its text's head."""
+    d = _digest(cfg, head)
+    return d[8] & 1, int.from_bytes(d[:8], "little")
+
+
+class _BottomK:
+    """The k items with the smallest priority seen so far (a max-heap of size k)."""
+
+    def __init__(self, k: int):
+        self.k, self.heap = k, []
+
+    def add(self, priority: int, item: str) -> None:
+        if len(self.heap) < self.k:
+            heapq.heappush(self.heap, (-priority, item))
+        elif -self.heap[0][0] > priority:
+            heapq.heapreplace(self.heap, (-priority, item))
+
+    def items(self) -> List[str]:
+        return [item for _, item in sorted(self.heap, key=lambda e: (-e[0], e[1]))]
+
+
+def fit_model(positives: Iterable[str], raw: Iterable[str], cfg: QualityConfig) -> Tuple[Model, dict]:
+    """Sample (bounded, seeded), then fit the two cross-fitted classifiers; returns the model and
+    the sample sizes. ``positives`` and ``raw`` are texts, streamed once."""
+    pos, neg = _BottomK(cfg.max_train_docs), (_BottomK(cfg.max_train_docs), _BottomK(cfg.max_train_docs))
+    seen = [0, 0, 0]
+    for text in positives:
+        head = text[: cfg.max_chars]
+        pos.add(fold_and_priority(head, cfg)[1], head)
+        seen[0] += 1
+    for text in raw:
+        head = text[: cfg.max_chars]
+        fold, prio = fold_and_priority(head, cfg)
+        neg[fold].add(prio, head)
+        seen[1 + fold] += 1
+    if seen[0] == 0 or seen[1] + seen[2] == 0:
+        raise ValueError("the quality classifier needs curated (positive) and raw (negative) documents")
     vec = _vectorizer(cfg)
-    pos, neg = vec.transform(_head(positives, cfg.max_chars)), vec.transform(_head(negatives, cfg.max_chars))
-    clf = _fit(pos, neg, cfg, np.random.default_rng(cfg.seed))
-    return lambda texts: clf.predict_proba(vec.transform(_head(texts, cfg.max_chars)))[:, 1]
+    xpos = vec.transform(pos.items())
+    coef, intercept = np.zeros((2, cfg.n_features)), np.zeros(2)
+    for k in (0, 1):
+        other = neg[1 - k] if seen[2 - k] else neg[k]  # a fold with no documents scores nothing anyway
+        clf = _fit(xpos, vec.transform(other.items()))
+        coef[k], intercept[k] = clf.coef_[0], clf.intercept_[0]
+    sample = {"positives": len(pos.heap), "negatives": [len(neg[0].heap), len(neg[1].heap)],
+              "curated_docs": seen[0], "raw_docs": seen[1] + seen[2]}
+    return {"coef": coef, "intercept": intercept}, sample
 
 
-def _fit(pos, neg, cfg: QualityConfig, rng: np.random.Generator):
-    """Logistic regression on at most max_train_docs sampled rows per class (sparse matrices)."""
+def _fit(pos, neg):
     import scipy.sparse as sp
     from sklearn.linear_model import LogisticRegression
 
-    if pos.shape[0] == 0 or neg.shape[0] == 0:
-        raise ValueError("the quality classifier needs curated (positive) and raw (negative) documents")
-    pick = lambda m: m[np.sort(rng.choice(m.shape[0], min(m.shape[0], cfg.max_train_docs), replace=False))]
-    pos, neg = pick(pos), pick(neg)
     y = np.r_[np.ones(pos.shape[0]), np.zeros(neg.shape[0])]
     return LogisticRegression(solver="liblinear", class_weight="balanced").fit(sp.vstack([pos, neg]), y)
 
 
-def pareto_keep(scores: np.ndarray, alpha: float, rng: np.random.Generator) -> np.ndarray:
-    """GPT-3's rule: keep where a Pareto(alpha) draw exceeds 1 - score."""
-    return rng.pareto(alpha, size=len(scores)) > 1.0 - np.asarray(scores)
+def save_model(path: Path, model: Model) -> None:
+    with open(path, "wb") as f:
+        np.savez(f, coef=model["coef"], intercept=model["intercept"])
+
+
+def load_model(path: Path) -> Model:
+    with np.load(path, allow_pickle=False) as z:
+        return {"coef": z["coef"], "intercept": z["intercept"]}
+
+
+def scores(texts: Sequence[str], model: Model, cfg: QualityConfig) -> np.ndarray:
+    """P(curated) of each text, from the classifier of the text's fold (liblinear's predict_proba)."""
+    heads = [t[: cfg.max_chars] for t in texts]
+    fold = np.array([fold_and_priority(h, cfg)[0] for h in heads], dtype=np.int64)
+    x = _vectorizer(cfg).transform(heads)
+    z = np.stack([x @ model["coef"][k] for k in (0, 1)], axis=1)[np.arange(len(heads)), fold] + model["intercept"][fold]
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def uniforms(source: str, docs: Sequence[Doc], cfg: QualityConfig) -> np.ndarray:
+    """One uniform draw in (0, 1) per document, from a keyed hash of (source, id, text)."""
+    h = [int.from_bytes(_digest(cfg, "pareto", source, i, t)[:8], "little") for i, t in docs]
+    return (np.array(h, dtype=np.float64) + 0.5) / 2.0**64
+
+
+def pareto_keep(scores: np.ndarray, alpha: float, u: np.ndarray) -> np.ndarray:
+    """GPT-3's rule: keep where a Pareto(alpha) draw exceeds 1 - score. The draw is numpy's
+    ``pareto`` (Lomax) by its inverse CDF of the uniform ``u``: (1 - u) ** (-1 / alpha) - 1."""
+    return (1.0 - np.asarray(u)) ** (-1.0 / alpha) - 1.0 > 1.0 - np.asarray(scores)
+
+
+def filter_docs(source: str, docs: Iterable[Doc], model: Model, cfg: QualityConfig, why: Counter) -> Iterator[Doc]:
+    """The documents of ``source`` the rule keeps, streaming in batches; ``why`` gets the count of
+    low-quality documents and ``score_sum`` (the sum of the scores, for the mean)."""
+    batch: List[Doc] = []
+
+    def flush():
+        s = scores([t for _, t in batch], model, cfg)
+        keep = pareto_keep(s, cfg.alpha, uniforms(source, batch, cfg))
+        why["low_quality"] += int((~keep).sum())
+        why["score_sum"] += float(s.sum())
+        out = [d for d, k in zip(batch, keep) if k]
+        batch.clear()
+        return out
+
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == _BATCH:
+            yield from flush()
+    if batch:
+        yield from flush()
 
 
 def quality_filter(
     curated: Dict[str, List[Doc]], to_filter: Dict[str, List[Doc]], cfg: QualityConfig
 ) -> Tuple[Dict[str, List[Doc]], Dict[str, Counter]]:
-    """Filter each source of ``to_filter``; seeded, so the same input keeps the same documents.
-
-    Scores are cross-fitted: the raw documents are split in two folds and each fold is scored
-    by a classifier trained on the curated documents and the other fold, so no document is
-    scored by a model that saw it as a negative.
-    """
-    vec = _vectorizer(cfg)
-    pos = vec.transform(_head((t for docs in curated.values() for _, t in docs), cfg.max_chars))
-    raw = vec.transform(_head((t for docs in to_filter.values() for _, t in docs), cfg.max_chars))
-    rng = np.random.default_rng(cfg.seed)
-    fold = rng.permutation(raw.shape[0]) % 2
-    scores = np.zeros(raw.shape[0])
-    for k in (0, 1):
-        test = np.flatnonzero(fold == k)
-        train = np.flatnonzero(fold != k)
-        if len(test):
-            clf = _fit(pos, raw[train if len(train) else test], cfg, rng)
-            scores[test] = clf.predict_proba(raw[test])[:, 1]
-    out, counts, start = {}, {}, 0
+    """In memory: filter each source of ``to_filter`` with a classifier fitted as the stage fits it."""
+    model, _ = fit_model((t for docs in curated.values() for _, t in docs), (t for docs in to_filter.values() for _, t in docs), cfg)
+    out, counts = {}, {}
     for name, docs in to_filter.items():
-        s = scores[start : start + len(docs)]
-        start += len(docs)
-        keep = pareto_keep(s, cfg.alpha, np.random.default_rng([cfg.seed, zlib.crc32(name.encode())]))
-        out[name] = [d for d, k in zip(docs, keep) if k]
-        counts[name] = Counter(low_quality=int((~keep).sum()))
-        counts[name]["mean_score_x1000"] = int(1000 * float(np.mean(s))) if len(s) else 0
+        why: Counter = Counter()
+        out[name] = list(filter_docs(name, docs, model, cfg, why))
+        counts[name] = mean_score(why, len(docs))
     return out, counts
+
+
+def mean_score(why: Counter, docs_in: int) -> Counter:
+    """The reasons as reported: ``score_sum`` becomes ``mean_score_x1000``."""
+    out = Counter({k: v for k, v in why.items() if k != "score_sum"})
+    out["low_quality"] += 0
+    out["mean_score_x1000"] = int(1000 * why.get("score_sum", 0.0) / docs_in) if docs_in else 0
+    return out

@@ -2,8 +2,8 @@
 
 Each runs in a worker process (or a Slurm task, or a Ray actor) from a plain-data context: the data
 config as a dict, the cache root, and the upstream part files. Each streams: it holds one chunk's
-documents at most, except the stages that need a whole view (quality: the classifier's features;
-dedup: the signatures of the documents kept so far; the tokenizer: its bounded training sample).
+documents at most, except the steps that need a whole view (the quality classifier and the tokenizer:
+their bounded training samples; dedup: the signatures of the documents kept so far).
 """
 
 from __future__ import annotations
@@ -137,23 +137,27 @@ def clean_task(ctx: dict, unit: int, folder: Path, rank: int) -> dict:
             "progress": {"docs": raw.n, "bytes": raw.nbytes}}
 
 
-# ---- quality, dedup and the tokenizer: one task that sees every source ----------------------------
+# ---- the quality classifier, dedup and the tokenizer: one task that sees every source ---------------
 
 
-@task("quality")
-def quality_task(ctx: dict, unit, folder: Path, rank: int) -> dict:
+@task("quality-fit")
+def quality_fit_task(ctx: dict, unit, folder: Path, rank: int) -> dict:
+    """The classifier, from bounded samples of the curated and the filtered sources' documents."""
     from pretrain.data.config import QualityConfig
-    from pretrain.data.quality import quality_filter
-    from pretrain.data.stats import stage_stats
+    from pretrain.data.quality import fit_model, save_model
 
-    docs = {n: list(read_parts(_parts(ctx, n))) for n in ctx["parts"]}
-    targets, curated = ctx["targets"], ctx["curated"]
-    kept, why = quality_filter({n: docs[n] for n in curated}, {n: docs[n] for n in targets}, QualityConfig(**ctx["quality"]))
-    out = {}
-    for n in targets:
-        write_part(folder / n / PART.format(0), kept[n])
-        out[n] = stage_stats(docs[n], kept[n], why[n])
-    return {"stats": out}
+    texts = lambda names: (t for n in names for _, t in read_parts(_parts(ctx, n)))
+    model, sample = fit_model(texts(ctx["curated"]), texts(ctx["targets"]), QualityConfig(**ctx["quality"]))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(folder / "model.npz", model)
+    return {"sample": sample}
+
+
+@functools.lru_cache(maxsize=2)
+def _quality_model(path: str):
+    from pretrain.data.quality import load_model
+
+    return load_model(Path(path))
 
 
 @task("dedup")
@@ -208,7 +212,7 @@ def _sample(ctx: dict, budget: int, seed: int) -> List[str]:
     return out
 
 
-# ---- decontam and tokenize+write: one task per chunk of the upstream parts --------------------------
+# ---- quality, decontam and tokenize+write: one task per chunk of the upstream parts ----------------
 
 
 @functools.lru_cache(maxsize=2)
@@ -229,6 +233,18 @@ def decontam_task(ctx: dict, unit: Chunk, folder: Path, rank: int) -> dict:
     docs = _Counted(read_chunk(Path(ctx["root"]), unit))
     kept, why = decontaminate(docs, _eval_ngrams(tuple(cfg.eval_files), c.ngram), c)
     n, nbytes = write_part(folder / unit.source / PART.format(rank), kept)
+    return {"source": unit.source, "stats": stage_counts(docs.n, docs.nbytes, n, nbytes, why), "progress": {"docs": docs.n}}
+
+
+@task("quality")
+def quality_task(ctx: dict, unit: Chunk, folder: Path, rank: int) -> dict:
+    from pretrain.data.config import QualityConfig
+    from pretrain.data.quality import filter_docs
+
+    cfg, why = QualityConfig(**ctx["quality"]), Counter()
+    docs = _Counted(read_chunk(Path(ctx["root"]), unit))
+    model = _quality_model(str(Path(ctx["root"]) / ctx["model"]))
+    n, nbytes = write_part(folder / unit.source / PART.format(rank), filter_docs(unit.source, docs, model, cfg, why))
     return {"source": unit.source, "stats": stage_counts(docs.n, docs.nbytes, n, nbytes, why), "progress": {"docs": docs.n}}
 
 

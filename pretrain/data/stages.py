@@ -12,6 +12,7 @@ import shutil
 import threading
 import time
 from dataclasses import asdict
+from collections import Counter
 from pathlib import Path
 from typing import Dict, List
 
@@ -123,21 +124,35 @@ def clean(run, keys) -> Parts:
     return files
 
 
-# ---- quality, dedup: one task over every source -----------------------------------------------------
+# ---- quality: the classifier, then one task per chunk; dedup: one task over every source ------------
 
 
 def quality(run, keys, upstream: Parts) -> Parts:
+    """The classifier (one task, bounded samples), then the filter (one task per chunk)."""
+    from pretrain.data.quality import mean_score
+
     cfgs = {s.name: run.eff[s.name].quality for s in run.cfg.sources}
     targets = [s.name for s in run.cfg.sources if cfgs[s.name].enabled and not s.curated]
     if not targets:
         return upstream
-    t0 = time.time()
-    ctx = _context(run, parts={n: _rel(run, p) for n, p in upstream.items()}, targets=targets,
-                   curated=[s.name for s in run.cfg.sources if s.curated], quality=asdict(cfgs[targets[0]]))
-    partial, (res,) = run_tasks(run, "quality", keys["quality"], [0], ctx, "quality", _size(upstream))
-    _nonempty("quality", res["stats"])
+    t0, qcfg = time.time(), asdict(cfgs[targets[0]])
+    curated = [s.name for s in run.cfg.sources if s.curated]
+    ctx = _context(run, parts={n: _rel(run, upstream[n]) for n in curated + targets}, targets=targets, curated=curated,
+                   quality=qcfg)
+    fit_partial, (fit,) = run_tasks(run, "quality-fit", keys["quality"], [0], ctx, "quality: classifier", None)
+    chunks = chunks_of(run.root, {n: upstream[n] for n in targets}, run.chunk_bytes({n: upstream[n] for n in targets}))
+    model = fit_partial / "model.npz"
+    ctx = _context(run, model=str(model.relative_to(run.root)), quality=qcfg)
+    partial, results = run_tasks(run, "quality", keys["quality"], chunks, ctx, "quality", _size(chunks))
+    stats = _sum_stats(results)
+    for st in stats.values():
+        st["reasons"] = dict(mean_score(Counter(st["reasons"]), st["docs_in"]))
+    _nonempty("quality", stats)
+    shutil.copyfile(model, partial / "model.npz")
     docs = {n: _rel(run, p) for n, p in upstream.items()} | _published_parts(run, "quality", keys["quality"], partial, targets)
-    return _finish(run, "quality", keys["quality"], partial, docs, res["stats"], t0)
+    out = _finish(run, "quality", keys["quality"], partial, docs, stats, t0, {"classifier_sample": fit["sample"]})
+    shutil.rmtree(fit_partial, ignore_errors=True)
+    return out
 
 
 def dedup(run, keys, upstream: Parts) -> Parts:

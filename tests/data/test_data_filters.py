@@ -1,13 +1,14 @@
 """Quality filter, deduplication and decontamination on small hand-made cases."""
 
 import random
+from collections import Counter
 
 import numpy as np
 
 from pretrain.data.config import DecontamConfig, DedupConfig, QualityConfig
 from pretrain.data.decontam import decontaminate, decontaminate_document, ngrams_of
 from pretrain.data.dedup import deduplicate, jaccard
-from pretrain.data.quality import pareto_keep, quality_filter
+from pretrain.data.quality import filter_docs, fit_model, load_model, pareto_keep, quality_filter, save_model, uniforms
 
 from data_synth import WORDS, make_doc
 
@@ -15,10 +16,11 @@ from data_synth import WORDS, make_doc
 
 
 def test_pareto_rule_matches_gpt3():
-    rng = np.random.default_rng(0)
     n = 400_000
+    # The stage's own draws: one uniform per document from a keyed hash of (source, id, text).
+    u = uniforms("crawl", [(str(i), "same text") for i in range(n)], QualityConfig(seed=5))
     for score in (0.0, 0.5, 0.9, 1.0):
-        kept = pareto_keep(np.full(n, score), 9.0, rng).mean()
+        kept = pareto_keep(np.full(n, score), 9.0, u).mean()
         # P(pareto(a) > t) = (1 + t) ** -a, here t = 1 - score: 1/512 = 0.00195 at score 0. The
         # kept fraction of n draws is binomial: allow 5 standard errors (relative: 18% at score 0,
         # 5% at 0.5, 0.9% at 0.9; exact at 1.0), so alpha 8 or 10 (x2 or /2 at score 0) fails.
@@ -43,6 +45,41 @@ def test_quality_filter_prefers_curated_like_documents():
     assert counts["crawl"]["low_quality"] == 200 - len(ids)
     again, _ = quality_filter(curated, {"crawl": good + junk}, cfg)
     assert again == kept  # seeded
+
+
+def test_pareto_draw_is_numpys_pareto():
+    u = np.random.default_rng(3).random(1000)
+    # numpy's pareto(a) is exp(E / a) - 1 with E = -log(1 - U) exponential
+    lomax = np.exp(-np.log1p(-u) / 9.0) - 1.0
+    t = np.linspace(0, 1, 1000)
+    assert (pareto_keep(1.0 - t, 9.0, u) == (lomax > t)).all()
+
+
+def _quality_case(seed=1):
+    rng = random.Random(seed)
+    curated = [(str(i), make_doc(i, rng)) for i in range(300)]
+    crawl = [(f"g{i}", make_doc(1000 + i, rng)) for i in range(60)]
+    crawl += [(f"j{i}", " ".join(f"click{rng.randint(0, 50)} buy now best deal {rng.random():.3f}" for _ in range(20))) for i in range(140)]
+    return curated, crawl
+
+
+def test_quality_sample_is_bounded_and_order_free(tmp_path):
+    curated, crawl = _quality_case()
+    cfg = QualityConfig(seed=3, max_train_docs=50)
+    model, sample = fit_model((t for _, t in curated), (t for _, t in crawl), cfg)
+    assert sample["positives"] == 50 and sum(sample["negatives"]) == 100, sample
+    assert sample["curated_docs"] == 300 and sample["raw_docs"] == 200
+    # The same documents in another order (another cut into files): the same sample, the same model.
+    again, _ = fit_model((t for _, t in curated[::-1]), (t for _, t in crawl[::-1]), cfg)
+    assert np.array_equal(model["coef"], again["coef"]) and np.array_equal(model["intercept"], again["intercept"])
+    # The model file is plain arrays: it loads with pickles refused.
+    save_model(tmp_path / "model.npz", model)
+    loaded = load_model(tmp_path / "model.npz")
+    assert np.array_equal(loaded["coef"], model["coef"])
+    # Filtering in two pieces (two tasks) keeps what filtering in one keeps.
+    whole = list(filter_docs("crawl", crawl, model, cfg, Counter()))
+    halves = list(filter_docs("crawl", crawl[:77], model, cfg, Counter())) + list(filter_docs("crawl", crawl[77:], model, cfg, Counter()))
+    assert whole == halves and 0 < len(whole) < len(crawl)
 
 
 # ---- dedup -----------------------------------------------------------------------------------------
