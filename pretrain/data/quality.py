@@ -120,7 +120,7 @@ def scores(texts: Sequence[str], model: Model, cfg: QualityConfig) -> np.ndarray
     heads = [t[: cfg.max_chars] for t in texts]
     fold = np.array([fold_and_priority(h, cfg)[0] for h in heads], dtype=np.int64)
     x = _vectorizer(cfg).transform(heads)
-    z = np.stack([x @ model["coef"][k] for k in (0, 1)], axis=1)[np.arange(len(heads)), fold] + model["intercept"][fold]
+    z = (x @ model["coef"].T)[np.arange(len(heads)), fold] + model["intercept"][fold]
     return 1.0 / (1.0 + np.exp(-z))
 
 

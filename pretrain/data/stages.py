@@ -11,8 +11,8 @@ import importlib
 import shutil
 import threading
 import time
-from dataclasses import asdict
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List
 
@@ -140,7 +140,8 @@ def quality(run, keys, upstream: Parts) -> Parts:
     ctx = _context(run, parts={n: _rel(run, upstream[n]) for n in curated + targets}, targets=targets, curated=curated,
                    quality=qcfg)
     fit_partial, (fit,) = run_tasks(run, "quality-fit", keys["quality"], [0], ctx, "quality: classifier", None)
-    chunks = chunks_of(run.root, {n: upstream[n] for n in targets}, run.chunk_bytes({n: upstream[n] for n in targets}))
+    filtered = {n: upstream[n] for n in targets}
+    chunks = chunks_of(run.root, filtered, run.chunk_bytes(filtered))
     model = fit_partial / "model.npz"
     ctx = _context(run, model=str(model.relative_to(run.root)), quality=qcfg)
     partial, results = run_tasks(run, "quality", keys["quality"], chunks, ctx, "quality", _size(chunks))
