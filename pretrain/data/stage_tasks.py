@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterator, List
 from datatrove.pipeline.base import PipelineStep
 
 from pretrain.data.stats import stage_counts
-from pretrain.data.tasks import RESULTS, Chunk, read_chunk, read_parts, write_part
+from pretrain.data.tasks import RESULTS, Chunk, read_chunk, read_parts, save_array, write_part
 from pretrain.errors import UserError
 
 PART = "part-{:05d}.jsonl"
@@ -160,18 +160,66 @@ def _quality_model(path: str):
     return load_model(Path(path))
 
 
-@task("dedup")
-def dedup_task(ctx: dict, unit, folder: Path, rank: int) -> dict:
-    from pretrain.data.dedup import Deduplicator
+def _chunk_docs(ctx: dict, unit: Chunk) -> "_Counted":
+    return _Counted(read_chunk(Path(ctx["root"]), unit))
 
-    cfg = config(ctx)
-    dd = Deduplicator(cfg.stages.dedup)
-    out = {}
-    for n in ctx["order"]:  # curated sources first: their copies are the ones kept
-        docs = _Counted(read_parts(_parts(ctx, n)))
-        kept, nbytes = write_part(folder / n / PART.format(0), (d for d in docs if dd.keep(n, d)))
-        out[n] = stage_counts(docs.n, docs.nbytes, kept, nbytes, dd.counts[n])
-    return {"stats": out}
+
+@task("dedup-sig")
+def dedup_sig_task(ctx: dict, unit: Chunk, folder: Path, rank: int) -> dict:
+    """One chunk's exact keys and MinHash signatures, as .npy files."""
+    from pretrain.data.dedup import signatures
+
+    keys, sigs = signatures((t for _, t in _chunk_docs(ctx, unit)), config(ctx).stages.dedup)
+    save_array(folder / f"keys-{rank:05d}.npy", keys)
+    save_array(folder / f"sig-{rank:05d}.npy", sigs)
+    return {"docs": len(keys)}
+
+
+def dedup_arrays(ctx: dict):
+    from pretrain.data.dedup import load_arrays
+
+    return load_arrays(Path(ctx["root"]) / ctx["sig_dir"], ctx["counts"], ctx["chunk_sources"], ctx["num_perm"])
+
+
+@task("dedup-pairs")
+def dedup_pairs_task(ctx: dict, unit: int, folder: Path, rank: int) -> dict:
+    """LSH band ``unit``: verified candidate pairs of documents with equal band columns."""
+    import numpy as np
+
+    from pretrain.data.dedup import band_pairs, bands, exact_duplicates, verify
+
+    cfg = config(ctx).stages.dedup
+    keys, source, maps, rows_of = dedup_arrays(ctx)
+    exact = exact_duplicates(keys, source) if cfg.exact else np.zeros(len(keys), dtype=bool)
+    _, r = bands(cfg)
+    rows = np.concatenate([m[:, unit * r : (unit + 1) * r] for m in maps])
+    pairs = verify(band_pairs(rows, source, ~exact), rows_of, cfg.threshold)
+    save_array(folder / f"pairs-{unit:05d}.npy", pairs)
+    return {"pairs": len(pairs)}
+
+
+@task("dedup")
+def dedup_filter_task(ctx: dict, unit: Chunk, folder: Path, rank: int) -> dict:
+    """One chunk's documents minus those the greedy pass removed (``fate.npy``)."""
+    import numpy as np
+
+    from pretrain.data.dedup import KEEP, REASONS
+
+    fate = np.load(Path(ctx["root"]) / ctx["fate"], mmap_mode="r")
+    start, docs, why = ctx["offsets"][rank], _chunk_docs(ctx, unit), Counter()
+
+    def kept():
+        for i, doc in enumerate(docs):
+            f = int(fate[start + i])
+            if f == KEEP:
+                yield doc
+            else:
+                why[REASONS[f]] += 1
+
+    n, nbytes = write_part(folder / unit.source / PART.format(rank), kept())
+    if docs.n != ctx["counts"][rank]:
+        raise RuntimeError(f"dedup: chunk {rank} has {docs.n} documents, its signatures {ctx['counts'][rank]}")
+    return {"source": unit.source, "stats": stage_counts(docs.n, docs.nbytes, n, nbytes, why), "progress": {"docs": docs.n}}
 
 
 @task("tokenizer")

@@ -21,7 +21,7 @@ from pretrain.data.executors import run_tasks
 from pretrain.data.progress import write_stage_stats
 from pretrain.data.records import DataConfigError
 from pretrain.data.stats import print_stage_table
-from pretrain.data.tasks import chunks_of, publish
+from pretrain.data.tasks import chunks_of, publish, save_array
 
 Parts = Dict[str, List[Path]]
 
@@ -157,16 +157,38 @@ def quality(run, keys, upstream: Parts) -> Parts:
 
 
 def dedup(run, keys, upstream: Parts) -> Parts:
+    """Signatures (a task per chunk), verified LSH pairs (a task per band), the greedy pass in
+    document order (here: it holds a byte per document), then the filter (a task per chunk)."""
+    import numpy as np
+
+    from pretrain.data.dedup import bands, exact_duplicates, load_arrays, select, source_keys
+
     targets = [s for s in run.cfg.sources if run.eff[s.name].dedup.enabled]
     if not run.cfg.stages.dedup.enabled or not targets:
         return upstream
-    t0 = time.time()
+    t0, cfg, key = time.time(), run.cfg.stages.dedup, keys["dedup"]
     order = [s.name for s in sorted(targets, key=lambda s: not s.curated)]  # curated first
-    ctx = _context(run, parts={n: _rel(run, upstream[n]) for n in order}, order=order)
-    partial, (res,) = run_tasks(run, "dedup", keys["dedup"], [0], ctx, "dedup", _size({n: upstream[n] for n in order}))
-    _nonempty("dedup", res["stats"])
-    docs = {n: _rel(run, p) for n, p in upstream.items()} | _published_parts(run, "dedup", keys["dedup"], partial, order)
-    return _finish(run, "dedup", keys["dedup"], partial, docs, res["stats"], t0)
+    parts = {n: upstream[n] for n in order}
+    chunks = chunks_of(run.root, parts, run.chunk_bytes(parts))
+    sig_dir, sigs = run_tasks(run, "dedup-sig", key, chunks, _context(run), "dedup: signatures", _size(chunks))
+    skey = source_keys(order, cfg)
+    ctx = _context(run, sig_dir=str(sig_dir.relative_to(run.root)), counts=[r["docs"] for r in sigs],
+                   chunk_sources=[skey[c.source] for c in chunks], num_perm=cfg.num_perm)
+    pairs_dir, _ = run_tasks(run, "dedup-pairs", key, list(range(bands(cfg)[0])), ctx, "dedup: candidate pairs", None)
+    keys_all, source, _, _ = load_arrays(sig_dir, ctx["counts"], ctx["chunk_sources"], cfg.num_perm)
+    exact = exact_duplicates(keys_all, source) if cfg.exact else np.zeros(len(keys_all), dtype=bool)
+    pairs = [np.load(p) for p in sorted(pairs_dir.glob("pairs-*.npy"))]
+    save_array(pairs_dir / "fate.npy", select(exact, np.concatenate(pairs)))
+    offsets = np.r_[0, np.cumsum(ctx["counts"])][:-1].tolist()
+    ctx = ctx | {"fate": str((pairs_dir / "fate.npy").relative_to(run.root)), "offsets": offsets}
+    partial, results = run_tasks(run, "dedup", key, chunks, ctx, "dedup", _size(chunks))
+    stats = _sum_stats(results)
+    _nonempty("dedup", stats)
+    docs = {n: _rel(run, p) for n, p in upstream.items()} | _published_parts(run, "dedup", key, partial, order)
+    out = _finish(run, "dedup", key, partial, docs, stats, t0)
+    shutil.rmtree(sig_dir, ignore_errors=True)
+    shutil.rmtree(pairs_dir, ignore_errors=True)
+    return out
 
 
 # ---- decontam: one task per chunk --------------------------------------------------------------------

@@ -76,6 +76,16 @@ def write_part(path: Path, docs) -> Tuple[int, int]:
     return n, nbytes
 
 
+def save_array(path: Path, arr) -> None:
+    """Write a NumPy array as .npy (published by rename)."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
 def read_parts(paths: Sequence[Path]) -> Iterator[Doc]:
     for p in paths:
         with open(p, encoding="utf-8") as f:

@@ -7,7 +7,7 @@ import numpy as np
 
 from pretrain.data.config import DecontamConfig, DedupConfig, QualityConfig
 from pretrain.data.decontam import decontaminate, decontaminate_document, ngrams_of
-from pretrain.data.dedup import deduplicate, jaccard
+from pretrain.data.dedup import EXACT, KEEP, NEAR, band_pairs, bands, deduplicate, fates, jaccard, signatures
 from pretrain.data.quality import filter_docs, fit_model, load_model, pareto_keep, quality_filter, save_model, uniforms
 
 from data_synth import WORDS, make_doc
@@ -114,6 +114,57 @@ def test_exact_duplicates_and_across_sources_curated_first():
     assert [d for d, _ in kept["raw"]] == ["b"] and counts["raw"]["exact_duplicate"] == 1
     kept, _ = deduplicate(docs, DedupConfig(across_sources=False))
     assert len(kept["raw"]) == 2
+
+
+def _brute_force_fates(keys, sigs, cfg):
+    """The rule spelled out over every pair: exact repeats go; then, in order, a document goes
+    when an earlier kept one shares an LSH band with it and its estimated Jaccard reaches the threshold."""
+    b, r = bands(cfg)
+    fate = []
+    for j in range(len(keys)):
+        if any((keys[i] == keys[j]).all() for i in range(j)):
+            fate.append(EXACT)
+            continue
+        near = any(fate[i] == KEEP and any((sigs[i, k * r:(k + 1) * r] == sigs[j, k * r:(k + 1) * r]).all() for k in range(b))
+                   and (sigs[i] == sigs[j]).mean() >= cfg.threshold for i in range(j))
+        fate.append(NEAR if near else KEEP)
+    return np.array(fate)
+
+
+def test_dedup_steps_match_the_rule_over_every_pair():
+    rng = random.Random(7)
+    texts = []
+    for c in range(12):  # clusters of variants at similarities around the threshold, and chains
+        base = " ".join(rng.choice(WORDS) + str(rng.randint(0, 999)) for _ in range(300))
+        texts.append(base)
+        prev = base
+        for v in range(4):
+            prev = _variant(prev if c % 2 else base, rng.choice([3, 8, 15]), 100 * c + v)
+            texts.append(prev)
+        texts.append(base.upper())  # an exact repeat (case and spaces ignored)
+    rng.shuffle(texts)
+    cfg = DedupConfig()
+    keys, sigs = signatures(texts, cfg)
+    want = _brute_force_fates(keys, sigs, cfg)
+    got = fates(keys, sigs, np.zeros(len(texts), dtype=np.int64), cfg)
+    assert (got == want).all(), (got, want)
+    assert (want == EXACT).sum() == 12 and 0 < (want == NEAR).sum() < len(texts) - 24, want
+
+
+def test_chains_keep_what_is_not_like_a_kept_document():
+    """A ~ B and B ~ C but A !~ C: B goes and C stays (greedy against kept documents, not clusters)."""
+    s = np.zeros((3, 128), dtype=np.uint32)
+    s[1, :20] = 1  # B shares 108 of A's values (0.84), C 88 (0.69) with A and 108 with B
+    s[2, :40] = 1
+    keys = np.arange(6, dtype=np.uint64).reshape(3, 2)
+    assert fates(keys, s, np.zeros(3, dtype=np.int64), DedupConfig()).tolist() == [KEEP, NEAR, KEEP]
+
+
+def test_pairs_per_bucket_are_capped():
+    rows = np.zeros((200, 8), dtype=np.uint32)  # one bucket of 200 documents
+    pairs = band_pairs(rows, np.zeros(200, dtype=np.int64), np.ones(200, dtype=bool), cap=5)
+    assert len(pairs) == sum(min(c, 5) for c in range(200)) and (pairs[:, 0] < pairs[:, 1]).all()
+    assert pairs[:, 0].max() == 4
 
 
 # ---- decontamination -------------------------------------------------------------------------------
