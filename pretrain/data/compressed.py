@@ -37,7 +37,7 @@ def read_lines(path: Path):
     if kind == "zstd":
         yield from _zstd_lines(path)
         return
-    with (gzip.open(path, "rb") if kind == "gzip" else open(path, "rb")) as f:
+    with path.open("rb") as raw, (gzip.GzipFile(fileobj=raw) if kind == "gzip" else raw) as f:
         try:
             yield from f
         except EOFError as e:  # gzip: "Compressed file ended before the end-of-stream marker was reached"
@@ -55,7 +55,7 @@ def _zstd_lines(path: Path, chunk_bytes: int = 1 << 20):
         return zstandard.ZstdDecompressor().decompressobj()
 
     pending, d, fed = b"", frame(), False
-    with open(path, "rb") as raw:
+    with path.open("rb") as raw:
         while chunk := raw.read(chunk_bytes):
             while chunk:
                 try:

@@ -2,7 +2,8 @@
 also gzip/Zstandard compressed, ``compressed.py``), or a datasets ``save_to_disk`` folder (``hf_disk.py``).
 
 ``path`` is a file, a folder (searched recursively for .txt/.md/.rst/.jsonl/.json/.parquet) or a
-glob pattern (``shards/*.jsonl``, ``**`` recursive). Local files are read here, record by record,
+glob pattern (``shards/*.jsonl``, ``**`` recursive), local or on any fsspec filesystem (``remote.py``:
+``s3://bucket/crawl/*.jsonl.zst``, ``https://...``). Files are read here, record by record,
 so that a record which cannot be a document is named by file and line: ``text`` files are one
 document per file, JSONL one document per line (an object holding ``text_field``), Parquet one
 per row (the ``text_field`` column).
@@ -27,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
-from pretrain.data import compressed, hf_disk
+from pretrain.data import compressed, hf_disk, remote
 from pretrain.data.config import SourceConfig
 from pretrain.data.corpus import get_builtin
 from pretrain.data.records import (BAD_RECORD_POLICIES, BadRecords, DataConfigError, checked_text, decode, json_type,
@@ -83,9 +84,19 @@ def source_files(src: SourceConfig, root: str | None = None, key: Optional[str] 
             raise DataConfigError(f"{key}.path={str(src.path)!r}: {e}") from None
     if src.format not in FORMATS:
         raise DataConfigError(f"{key}.format={src.format!r}: choose one of {'|'.join(FORMATS)}")
-    path = resolve_path(src, root)
     formats = set(_EXT_FORMAT.values()) if src.format == "auto" else {src.format}
     exts = [e for e, f in _EXT_FORMAT.items() if f in formats]
+    if remote.is_url(src.path):
+        if src.format == "hf":
+            raise DataConfigError(f"{key}.format=hf: a datasets save_to_disk folder must be local; copy it here, "
+                                  f"or point {key}.path at its Arrow/Parquet/JSONL files")
+        path = str(src.path)
+        files = [f for f in remote.list_files(path, is_glob(path), key) if file_format(f) in formats]
+        if not files:
+            raise DataConfigError(f"{key}.path: no {'text/JSONL/Parquet' if src.format == 'auto' else src.format} files "
+                                  f"({', '.join(exts)}, JSONL and text also .gz/.zst) at {path}; fix the URL or set {key}.format")
+        return _checked_format(src, files, key)
+    path = resolve_path(src, root)
     relative = not (root or Path(os.path.expanduser(str(src.path))).is_absolute())
     hint = " (a relative path: set data.root to its folder)" if relative else ""
     if is_glob(str(src.path)):
@@ -110,6 +121,10 @@ def source_files(src: SourceConfig, root: str | None = None, key: Optional[str] 
                 f"{key}.path: no {'text/JSONL/Parquet' if src.format == 'auto' else src.format} files "
                 f"({', '.join(exts)}, JSONL and text also .gz/.zst) under {path}; point it at the data or set {key}.format"
             )
+    return _checked_format(src, files, key)
+
+
+def _checked_format(src: SourceConfig, files: list, key: str) -> Tuple[str, list]:
     formats = {src.format if src.format != "auto" else file_format(f) for f in files}
     if None in formats or len(formats) > 1:
         raise DataConfigError(
@@ -157,7 +172,7 @@ def _parquet_file(path: Path, key: str):
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(path.open("rb") if isinstance(path, remote.RemoteFile) else path)
     except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
         raise DataConfigError(
             f"{key}.path: {path} cannot be read as Parquet ({str(e).splitlines()[0]}); "
@@ -166,9 +181,11 @@ def _parquet_file(path: Path, key: str):
 
 
 def fingerprint(src: SourceConfig, root: str | None = None) -> list:
-    """What identifies a source's input for the cache: each file's path, size and mtime."""
+    """What identifies a source's input for the cache: each file's path (or URL), size, and mtime
+    (a remote file: a hash of its metadata)."""
     _, files = source_files(src, root)
-    return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return [(str(f), f.size, f.version) if isinstance(f, remote.RemoteFile) else (str(f), f.stat().st_size, f.stat().st_mtime_ns)
+            for f in files]
 
 
 def _read_text(path: Path, bad: BadRecords, tolerance: float) -> Iterator[str]:
