@@ -19,6 +19,8 @@ import unicodedata
 from collections import Counter
 from typing import Iterable, List, Optional, Set, Tuple
 
+import numpy as np
+
 from pretrain.data.config import CleanConfig
 
 Doc = Tuple[str, str]
@@ -43,7 +45,36 @@ def _span_hashes(sentences: List[str]) -> List[bytes]:
     return [hashlib.blake2b("\n".join(norm[i : i + 3]).encode(), digest_size=8).digest() for i in range(len(norm) - 2)]
 
 
-def clean_document(text: str, cfg: CleanConfig, seen_spans: Optional[Set[bytes]] = None) -> Tuple[Optional[str], Counter]:
+class SpanSet:
+    """The spans a source has recorded, 8 bytes each: a sorted array of their hashes and a small
+    set of the latest, merged into the array when it holds ``buffer`` (a Python set of 8-byte
+    digests costs about 80 bytes a span, which at corpus scale is gigabytes)."""
+
+    def __init__(self, buffer: int = 1 << 18):
+        self._sorted = np.zeros(0, dtype=np.uint64)
+        self._recent: Set[int] = set()
+        self._buffer = buffer
+
+    def __contains__(self, h: bytes) -> bool:
+        v = int.from_bytes(h, "little")
+        if v in self._recent:
+            return True
+        i = int(np.searchsorted(self._sorted, np.uint64(v)))
+        return i < len(self._sorted) and int(self._sorted[i]) == v
+
+    def update(self, hashes: Iterable[bytes]) -> None:
+        self._recent.update(int.from_bytes(h, "little") for h in hashes)
+        if len(self._recent) >= self._buffer:
+            new = np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))
+            new.sort()
+            self._sorted = np.insert(self._sorted, np.searchsorted(self._sorted, new), new)
+            self._recent.clear()
+
+    def __len__(self) -> int:
+        return len(self._sorted) + len(self._recent)
+
+
+def clean_document(text: str, cfg: CleanConfig, seen_spans: Optional[Set[bytes] | SpanSet] = None) -> Tuple[Optional[str], Counter]:
     """Return (cleaned text or None if dropped, counts of what happened)."""
     why: Counter = Counter()
     bad = text.count("\ufffd")
@@ -98,7 +129,7 @@ def clean_document(text: str, cfg: CleanConfig, seen_spans: Optional[Set[bytes]]
     return text, why
 
 
-def _without_repeated_spans(text: str, cfg: CleanConfig, seen_spans: Set[bytes], why: Counter) -> str:
+def _without_repeated_spans(text: str, cfg: CleanConfig, seen_spans: Set[bytes] | SpanSet, why: Counter) -> str:
     """``text`` less its lines holding a three-sentence span seen before (in ``seen_spans`` or earlier
     in this document), recording the spans it keeps; or ``text`` whole, nothing recorded, when those
     lines are more than ``max_repeated_span_fraction`` of the characters of its lines of three or
@@ -129,7 +160,7 @@ def _without_repeated_spans(text: str, cfg: CleanConfig, seen_spans: Set[bytes],
 
 def clean_documents(docs: Iterable[Doc], cfg: CleanConfig) -> Tuple[List[Doc], Counter]:
     """Clean one source's documents; span deduplication is within the source."""
-    seen: Set[bytes] = set()
+    seen = SpanSet()
     out, counts = [], Counter()
     for doc_id, text in docs:
         cleaned, why = clean_document(text, cfg, seen)

@@ -109,7 +109,7 @@ def _parts(ctx: dict, name: str) -> List[Path]:
 
 @task("clean")
 def clean_task(ctx: dict, unit: int, folder: Path, rank: int) -> dict:
-    from pretrain.data.clean import clean_document
+    from pretrain.data.clean import SpanSet, clean_document
     from pretrain.data.records import BadRecords
     from pretrain.data.sources import read_source
     from pretrain.data.validation import effective_stages
@@ -120,7 +120,7 @@ def clean_task(ctx: dict, unit: int, folder: Path, rank: int) -> dict:
     key = f"data.sources[{unit}]"
     bad = BadRecords(src, key)
     raw = _Counted(read_source(src, cfg.root, key=key, bad=bad, max_invalid_utf8_fraction=c.max_invalid_utf8_fraction))
-    why, seen = Counter(), set()  # C4's repeated-span rule looks back over the whole source
+    why, seen = Counter(), SpanSet()  # C4's repeated-span rule looks back over the whole source
 
     def cleaned() -> Iterator:
         for doc_id, text in raw:

@@ -1,4 +1,6 @@
-from pretrain.data.clean import clean_document, clean_documents
+import random
+
+from pretrain.data.clean import SpanSet, clean_document, clean_documents
 from pretrain.data.config import CleanConfig
 
 GOOD = "The river ran quietly past the old mill. " * 6
@@ -70,3 +72,29 @@ def test_a_copy_made_of_repeated_spans_is_left_whole_for_dedup():
     always_cut, why = clean_documents([("1", original), ("2", original)], CleanConfig(max_repeated_span_fraction=1.0))
     # C4's rule cuts every line of the copy, the whole of it here; with short lines it leaves fragments.
     assert [d for d, _ in always_cut] == ["1"] and why["lines_repeated_span"] == 4 and why["few_sentences"] == 1
+
+
+def test_span_set_answers_like_a_set_across_merges():
+    """The compact span record (sorted array + buffer) against Python's set, over many merges."""
+    rng = random.Random(3)
+    spans, reference = SpanSet(buffer=64), set()
+    pool = [rng.getrandbits(64).to_bytes(8, "little") for _ in range(3000)]
+    for step in range(200):
+        batch = rng.sample(pool, 20)
+        assert [h in spans for h in batch] == [h in reference for h in batch], step
+        new = [h for h in batch if h not in reference]
+        spans.update(new)
+        reference.update(new)
+    assert len(spans) == len(reference) > 64 * 10
+    assert all(h in spans for h in reference) and not any(h in spans for h in set(pool) - reference)
+
+
+def test_cleaning_with_the_span_set_equals_cleaning_with_a_set():
+    rng = random.Random(4)
+    paras = [f"Alpha {w} beta. Gamma {w} delta. Epsilon {w} zeta. Eta {w} theta." for w in range(60)]
+    docs = [GOOD.replace("river", f"river{i}") + "\n" + "\n".join(rng.sample(paras, 3)) for i in range(300)]
+    cfg = CleanConfig()
+    small, plain = SpanSet(buffer=16), set()
+    got = [clean_document(d, cfg, small) for d in docs]
+    assert got == [clean_document(d, cfg, plain) for d in docs]
+    assert sum(w["lines_repeated_span"] for _, w in got) > 100  # the rule was at work
