@@ -85,15 +85,16 @@ def list_files(url: str, glob: bool, key: str) -> List[RemoteFile]:
     fs.invalidate_cache()  # listings cached by an earlier call in this process may be stale
     try:
         if glob:
-            names = sorted(fs.glob(path))
+            listed = fs.glob(path, detail=True)
         elif fs.isdir(path):
-            names = sorted(fs.find(path))
+            listed = fs.find(path, detail=True)
         elif fs.exists(path):
-            names = [path]
+            listed = {path: fs.info(path)}
         else:
             raise DataConfigError(f"{key}.path: {url} does not exist; fix the URL or remove the source")
-        infos = [(n, fs.info(n)) for n in names]
-    except (OSError, PermissionError) as e:
+        # One listing gives most stores' sizes and versions; a store that lists names only (HTTP) is asked per file.
+        infos = [(n, i if i.get("size") is not None else fs.info(n)) for n, i in sorted(listed.items())]
+    except OSError as e:  # PermissionError, FileNotFoundError, a store's own errors
         raise DataConfigError(f"{key}.path: cannot list {url} ({e}); check the URL and the store's credentials") from None
     chained = url.split("::", 1)[1] if "::" in url else None  # keep the outer filesystems of a chained URL
     return [

@@ -78,9 +78,10 @@ def test_a_chained_zip_url_reads_the_archive(served):
         source_files(SourceConfig(name="s", path=f"zip://*.jsonl::{url}/dump.zip"))
 
 
-def test_a_changed_remote_file_changes_the_fingerprint(served):
+@pytest.mark.parametrize("rel", ["jsonl/part-0.jsonl", "jsonl/part-0.*", "jsonl"])  # a file, a glob, a folder
+def test_a_changed_remote_file_changes_the_fingerprint(served, rel):
     root, url = served
-    src = SourceConfig(name="s", path=f"{url}/jsonl/part-0.jsonl")
+    src = SourceConfig(name="s", path=f"{url}/{rel}")
     before = fingerprint(src)
     assert fingerprint(src) == before  # stable while the file is
     time.sleep(1.1)  # Last-Modified has a resolution of one second
