@@ -104,6 +104,11 @@ def exact_duplicates(keys: np.ndarray, source: np.ndarray) -> np.ndarray:
     return dup
 
 
+def exact_mask(keys: np.ndarray, source: np.ndarray, cfg: DedupConfig) -> np.ndarray:
+    """Where exact deduplication removes a document (nowhere when ``cfg.exact`` is off)."""
+    return exact_duplicates(keys, source) if cfg.exact else np.zeros(len(keys), dtype=bool)
+
+
 def band_pairs(rows: np.ndarray, source: np.ndarray, eligible: np.ndarray, cap: int = PAIR_CAP) -> np.ndarray:
     """Pairs (i, j), i < j, of eligible documents with equal ``rows`` (one band's signature
     columns) and source key; each document paired with at most ``cap`` earlier ones."""
@@ -146,7 +151,7 @@ def select(exact_dup: np.ndarray, pairs: np.ndarray) -> np.ndarray:
 
 def fates(keys: np.ndarray, sigs: np.ndarray, source: np.ndarray, cfg: DedupConfig) -> np.ndarray:
     """Every step in one process, on arrays held in memory (the stage spreads them over tasks)."""
-    exact = exact_duplicates(keys, source) if cfg.exact else np.zeros(len(keys), dtype=bool)
+    exact = exact_mask(keys, source, cfg)
     b, r = bands(cfg)
     pairs = [verify(band_pairs(sigs[:, k * r : (k + 1) * r], source, ~exact), lambda i: sigs[i], cfg.threshold) for k in range(b)]
     return select(exact, np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64))

@@ -186,11 +186,11 @@ def dedup_pairs_task(ctx: dict, unit: int, folder: Path, rank: int) -> dict:
     """LSH band ``unit``: verified candidate pairs of documents with equal band columns."""
     import numpy as np
 
-    from pretrain.data.dedup import band_pairs, bands, exact_duplicates, verify
+    from pretrain.data.dedup import band_pairs, bands, verify
 
     cfg = config(ctx).stages.dedup
-    keys, source, maps, rows_of = dedup_arrays(ctx)
-    exact = exact_duplicates(keys, source) if cfg.exact else np.zeros(len(keys), dtype=bool)
+    _, source, maps, rows_of = dedup_arrays(ctx)
+    exact = np.load(Path(ctx["root"]) / ctx["sig_dir"] / "exact.npy")  # the driver's exact_mask
     _, r = bands(cfg)
     rows = np.concatenate([m[:, unit * r : (unit + 1) * r] for m in maps])
     pairs = verify(band_pairs(rows, source, ~exact), rows_of, cfg.threshold)

@@ -161,7 +161,7 @@ def dedup(run, keys, upstream: Parts) -> Parts:
     document order (here: it holds a byte per document), then the filter (a task per chunk)."""
     import numpy as np
 
-    from pretrain.data.dedup import bands, exact_duplicates, load_arrays, select, source_keys
+    from pretrain.data.dedup import bands, exact_mask, load_arrays, select, source_keys
 
     targets = [s for s in run.cfg.sources if run.eff[s.name].dedup.enabled]
     if not run.cfg.stages.dedup.enabled or not targets:
@@ -172,11 +172,13 @@ def dedup(run, keys, upstream: Parts) -> Parts:
     chunks = chunks_of(run.root, parts, run.chunk_bytes(parts))
     sig_dir, sigs = run_tasks(run, "dedup-sig", key, chunks, _context(run), "dedup: signatures", _size(chunks))
     skey = source_keys(order, cfg)
-    ctx = _context(run, sig_dir=str(sig_dir.relative_to(run.root)), counts=[r["docs"] for r in sigs],
-                   chunk_sources=[skey[c.source] for c in chunks], num_perm=cfg.num_perm)
+    counts, chunk_sources = [r["docs"] for r in sigs], [skey[c.source] for c in chunks]
+    keys_all, source, _, _ = load_arrays(sig_dir, counts, chunk_sources, cfg.num_perm)
+    exact = exact_mask(keys_all, source, cfg)
+    save_array(sig_dir / "exact.npy", exact)  # the band tasks skip these documents
+    ctx = _context(run, sig_dir=str(sig_dir.relative_to(run.root)), counts=counts, chunk_sources=chunk_sources,
+                   num_perm=cfg.num_perm)
     pairs_dir, _ = run_tasks(run, "dedup-pairs", key, list(range(bands(cfg)[0])), ctx, "dedup: candidate pairs", None)
-    keys_all, source, _, _ = load_arrays(sig_dir, ctx["counts"], ctx["chunk_sources"], cfg.num_perm)
-    exact = exact_duplicates(keys_all, source) if cfg.exact else np.zeros(len(keys_all), dtype=bool)
     pairs = [np.load(p) for p in sorted(pairs_dir.glob("pairs-*.npy"))]
     save_array(pairs_dir / "fate.npy", select(exact, np.concatenate(pairs)))
     offsets = np.r_[0, np.cumsum(ctx["counts"])][:-1].tolist()
