@@ -157,12 +157,19 @@ def fates(keys: np.ndarray, sigs: np.ndarray, source: np.ndarray, cfg: DedupConf
     return select(exact, np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64))
 
 
-def load_arrays(sig_dir: Path, counts: Sequence[int], chunk_sources: Sequence[int], num_perm: int):
-    """What the signature tasks wrote (one ``keys-R.npy`` and ``sig-R.npy`` per chunk R): every
-    document's exact key and source key, the memory-mapped signatures per chunk, and
-    ``rows_of(idx)``, the signatures of documents ``idx`` (global indices, in document order)."""
-    keys = np.concatenate([np.load(sig_dir / f"keys-{r:05d}.npy") for r in range(len(counts))])
-    source = np.repeat(np.asarray(chunk_sources, dtype=np.int64), counts)
+def doc_sources(counts: Sequence[int], chunk_sources: Sequence[int]) -> np.ndarray:
+    """Each document's source key, from its chunk's (``counts[R]`` documents in chunk R)."""
+    return np.repeat(np.asarray(chunk_sources, dtype=np.int64), counts)
+
+
+def load_keys(sig_dir: Path, chunks: int) -> np.ndarray:
+    """Every document's exact key, in document order, from the signature tasks' ``keys-R.npy``."""
+    return np.concatenate([np.load(sig_dir / f"keys-{r:05d}.npy") for r in range(chunks)])
+
+
+def load_signatures(sig_dir: Path, counts: Sequence[int], num_perm: int):
+    """The signature tasks' ``sig-R.npy`` memory-mapped (one per chunk R), and ``rows_of(idx)``,
+    the signatures of documents ``idx`` (global indices, in document order)."""
     maps = [np.load(sig_dir / f"sig-{r:05d}.npy", mmap_mode="r") for r in range(len(counts))]
     starts = np.r_[0, np.cumsum(counts)]
 
@@ -172,7 +179,7 @@ def load_arrays(sig_dir: Path, counts: Sequence[int], chunk_sources: Sequence[in
         chunk = np.searchsorted(starts, idx, side="right") - 1
         return np.stack([maps[c][i - starts[c]] for c, i in zip(chunk.tolist(), idx.tolist())])
 
-    return keys, source, maps, rows_of
+    return maps, rows_of
 
 
 def source_keys(names: Sequence[str], cfg: DedupConfig) -> Dict[str, int]:

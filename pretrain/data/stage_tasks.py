@@ -175,22 +175,17 @@ def dedup_sig_task(ctx: dict, unit: Chunk, folder: Path, rank: int) -> dict:
     return {"docs": len(keys)}
 
 
-def dedup_arrays(ctx: dict):
-    from pretrain.data.dedup import load_arrays
-
-    return load_arrays(Path(ctx["root"]) / ctx["sig_dir"], ctx["counts"], ctx["chunk_sources"], ctx["num_perm"])
-
-
 @task("dedup-pairs")
 def dedup_pairs_task(ctx: dict, unit: int, folder: Path, rank: int) -> dict:
     """LSH band ``unit``: verified candidate pairs of documents with equal band columns."""
     import numpy as np
 
-    from pretrain.data.dedup import band_pairs, bands, verify
+    from pretrain.data.dedup import band_pairs, bands, doc_sources, load_signatures, verify
 
-    cfg = config(ctx).stages.dedup
-    _, source, maps, rows_of = dedup_arrays(ctx)
-    exact = np.load(Path(ctx["root"]) / ctx["sig_dir"] / "exact.npy")  # the driver's exact_mask
+    cfg, sig_dir = config(ctx).stages.dedup, Path(ctx["root"]) / ctx["sig_dir"]
+    source = doc_sources(ctx["counts"], ctx["chunk_sources"])
+    maps, rows_of = load_signatures(sig_dir, ctx["counts"], ctx["num_perm"])
+    exact = np.load(sig_dir / "exact.npy")  # the driver's exact_mask
     _, r = bands(cfg)
     rows = np.concatenate([m[:, unit * r : (unit + 1) * r] for m in maps])
     pairs = verify(band_pairs(rows, source, ~exact), rows_of, cfg.threshold)

@@ -161,7 +161,7 @@ def dedup(run, keys, upstream: Parts) -> Parts:
     document order (here: it holds a byte per document), then the filter (a task per chunk)."""
     import numpy as np
 
-    from pretrain.data.dedup import bands, exact_mask, load_arrays, select, source_keys
+    from pretrain.data.dedup import bands, doc_sources, exact_mask, load_keys, select, source_keys
 
     targets = [s for s in run.cfg.sources if run.eff[s.name].dedup.enabled]
     if not run.cfg.stages.dedup.enabled or not targets:
@@ -173,8 +173,7 @@ def dedup(run, keys, upstream: Parts) -> Parts:
     sig_dir, sigs = run_tasks(run, "dedup-sig", key, chunks, _context(run), "dedup: signatures", _size(chunks))
     skey = source_keys(order, cfg)
     counts, chunk_sources = [r["docs"] for r in sigs], [skey[c.source] for c in chunks]
-    keys_all, source, _, _ = load_arrays(sig_dir, counts, chunk_sources, cfg.num_perm)
-    exact = exact_mask(keys_all, source, cfg)
+    exact = exact_mask(load_keys(sig_dir, len(chunks)), doc_sources(counts, chunk_sources), cfg)
     save_array(sig_dir / "exact.npy", exact)  # the band tasks skip these documents
     ctx = _context(run, sig_dir=str(sig_dir.relative_to(run.root)), counts=counts, chunk_sources=chunk_sources,
                    num_perm=cfg.num_perm)
