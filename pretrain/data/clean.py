@@ -40,30 +40,30 @@ def _has_two_ends(line: str) -> bool:
     return len(_SENTENCE_END.findall(line)) >= 2
 
 
-def _span_hashes(sentences: List[str]) -> List[bytes]:
+def _span_hashes(sentences: List[str]) -> List[int]:
     norm = [" ".join(s.lower().split()) for s in sentences]
-    return [hashlib.blake2b("\n".join(norm[i : i + 3]).encode(), digest_size=8).digest() for i in range(len(norm) - 2)]
+    return [int.from_bytes(hashlib.blake2b("\n".join(norm[i : i + 3]).encode(), digest_size=8).digest(), "little")
+            for i in range(len(norm) - 2)]
 
 
 class SpanSet:
-    """The spans a source has recorded, 8 bytes each: a sorted array of their hashes and a small
-    set of the latest, merged into the array when it holds ``buffer`` (a Python set of 8-byte
-    digests costs about 80 bytes a span, which at corpus scale is gigabytes)."""
+    """The spans a source has recorded (64-bit hashes), 8 bytes each: a sorted array and a small set
+    of the latest, merged into the array when it holds ``buffer`` (a Python set of them costs about
+    80 bytes a span, which at corpus scale is gigabytes)."""
 
     def __init__(self, buffer: int = 1 << 18):
         self._sorted = np.zeros(0, dtype=np.uint64)
         self._recent: Set[int] = set()
         self._buffer = buffer
 
-    def __contains__(self, h: bytes) -> bool:
-        v = int.from_bytes(h, "little")
+    def __contains__(self, v: int) -> bool:
         if v in self._recent:
             return True
         i = int(np.searchsorted(self._sorted, np.uint64(v)))
         return i < len(self._sorted) and int(self._sorted[i]) == v
 
-    def update(self, hashes: Iterable[bytes]) -> None:
-        self._recent.update(int.from_bytes(h, "little") for h in hashes)
+    def update(self, hashes: Iterable[int]) -> None:
+        self._recent.update(hashes)
         if len(self._recent) >= self._buffer:
             new = np.fromiter(self._recent, dtype=np.uint64, count=len(self._recent))
             new.sort()
@@ -74,8 +74,24 @@ class SpanSet:
         return len(self._sorted) + len(self._recent)
 
 
-def clean_document(text: str, cfg: CleanConfig, seen_spans: Optional[Set[bytes] | SpanSet] = None) -> Tuple[Optional[str], Counter]:
+# A line that can hold a three-sentence span: (its index, its stripped length, its spans' hashes).
+SpannedLine = Tuple[int, int, List[int]]
+
+
+def clean_document(text: str, cfg: CleanConfig, seen_spans: Optional[Set[int] | SpanSet] = None) -> Tuple[Optional[str], Counter]:
     """Return (cleaned text or None if dropped, counts of what happened)."""
+    text, why = before_spans(text, cfg)
+    if text is None:
+        return None, why
+    spans = cfg.dedup_sentence_spans and seen_spans is not None
+    if spans:
+        text = without_repeated_spans(text, spanned_lines(text), cfg, seen_spans, why)
+    return after_spans(text, cfg, spans, why)
+
+
+def before_spans(text: str, cfg: CleanConfig) -> Tuple[Optional[str], Counter]:
+    """The rules that look at one document only, up to the repeated-span pass: invalid UTF-8, the
+    end-of-text literal, Unicode normalisation, C4's page and line rules."""
     why: Counter = Counter()
     bad = text.count("\ufffd")
     if bad:
@@ -115,11 +131,14 @@ def clean_document(text: str, cfg: CleanConfig, seen_spans: Optional[Set[bytes] 
                 continue
             kept.append(line.rstrip())
         text = "\n".join(kept)
-    spans = cfg.dedup_sentence_spans and seen_spans is not None
-    if spans:
-        text = _without_repeated_spans(text, cfg, seen_spans, why)
+    return text, why
+
+
+def after_spans(text: str, cfg: CleanConfig, spans: bool, why: Counter) -> Tuple[Optional[str], Counter]:
+    """The rules after the span pass (``spans``: whether it ran): blank runs collapsed, C4's sentence
+    minimum, GPT-3's length minimum."""
     if cfg.c4_lines or spans:
-        text = re.sub(r"\n{3,}", "\n\n", text).strip("\n")
+        text = _collapse(text)
     if cfg.c4_page and len(split_sentences(text)) < cfg.min_sentences:
         why["few_sentences"] += 1
         return None, why
@@ -129,33 +148,66 @@ def clean_document(text: str, cfg: CleanConfig, seen_spans: Optional[Set[bytes] 
     return text, why
 
 
-def _without_repeated_spans(text: str, cfg: CleanConfig, seen_spans: Set[bytes] | SpanSet, why: Counter) -> str:
+def spanned_lines(text: str) -> List[SpannedLine]:
+    """The lines of ``text`` that hold a three-sentence span, with their spans' hashes."""
+    out = []
+    for i, line in enumerate(text.split("\n")):
+        s = line.strip()
+        # Three sentences need at least two sentence ends inside the line: most lines have not.
+        if _has_two_ends(s):
+            out.append((i, len(s), _span_hashes(split_sentences(s))))
+    return out
+
+
+def without_repeated_spans(text: str, spanned: List[SpannedLine], cfg: CleanConfig, seen_spans: Set[int] | SpanSet,
+                           why: Counter) -> str:
     """``text`` less its lines holding a three-sentence span seen before (in ``seen_spans`` or earlier
     in this document), recording the spans it keeps; or ``text`` whole, nothing recorded, when those
     lines are more than ``max_repeated_span_fraction`` of the characters of its lines of three or
-    more sentences."""
-    lines = text.split("\n")
-    repeated, new_spans, spanned = set(), set(), 0
-    for i, line in enumerate(lines):
-        # Three sentences need at least two sentence ends inside the line: most lines have not.
-        if not _has_two_ends(line.strip()):
-            continue
-        spanned += len(line.strip())
-        spans = _span_hashes(split_sentences(line.strip()))
+    more sentences. ``spanned`` is ``spanned_lines(text)``."""
+    repeated = _repeated_lines(spanned, cfg, seen_spans, why)
+    return "\n".join(line for i, line in enumerate(text.split("\n")) if i not in repeated) if repeated else text
+
+
+def finish_spans(text: str, spanned: List[SpannedLine], verdict: Optional[str], cfg: CleanConfig,
+                 seen_spans: Set[int] | SpanSet, why: Counter) -> Optional[str]:
+    """clean_document's end, for a document whose rules up to the span pass ran elsewhere (in
+    parallel, per file): ``text`` as they left it, its ``spanned_lines`` and ``verdict``, what
+    ``after_spans`` says of it if no line is removed (None: kept, else the reason it is dropped)."""
+    repeated = _repeated_lines(spanned, cfg, seen_spans, why)
+    if repeated:
+        kept = "\n".join(line for i, line in enumerate(text.split("\n")) if i not in repeated)
+        return after_spans(kept, cfg, True, why)[0]
+    if verdict:
+        why[verdict] += 1
+        return None
+    return _collapse(text)
+
+
+def _repeated_lines(spanned: List[SpannedLine], cfg: CleanConfig, seen_spans: Set[int] | SpanSet, why: Counter) -> Set[int]:
+    """The lines to remove, and the spans recorded (see without_repeated_spans)."""
+    repeated, new_spans, chars, spanned_chars = set(), set(), {}, 0
+    for i, length, spans in spanned:
+        spanned_chars += length
+        chars[i] = length
         if any(h in seen_spans or h in new_spans for h in spans):
             repeated.add(i)
         else:
             new_spans.update(spans)
     if not repeated:
         seen_spans.update(new_spans)
-        return text
+        return repeated
     # The share among the lines that can hold a span: shorter lines say nothing either way.
-    if sum(len(lines[i].strip()) for i in repeated) > cfg.max_repeated_span_fraction * spanned:
+    if sum(chars[i] for i in repeated) > cfg.max_repeated_span_fraction * spanned_chars:
         why["repeated_spans_left_for_dedup"] += 1
-        return text
+        return set()
     seen_spans.update(new_spans)
     why["lines_repeated_span"] += len(repeated)
-    return "\n".join(line for i, line in enumerate(lines) if i not in repeated)
+    return repeated
+
+
+def _collapse(text: str) -> str:
+    return re.sub(r"\n{3,}", "\n\n", text).strip("\n")
 
 
 def clean_documents(docs: Iterable[Doc], cfg: CleanConfig) -> Tuple[List[Doc], Counter]:

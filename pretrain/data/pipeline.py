@@ -97,7 +97,10 @@ class _Run:
         """Bytes per task of a chunked stage: a 32nd of its input (so that workers finish together),
         at least 256 kB, at most data.task_bytes; never the worker count, so that the stage's output
         is the same on any executor."""
-        total = sum(p.stat().st_size for ps in parts.values() for p in ps)
+        return self.task_bytes(sum(p.stat().st_size for ps in parts.values() for p in ps))
+
+    def task_bytes(self, total: int) -> int:
+        """A 32nd of ``total`` bytes, at least 256 kB, at most data.task_bytes."""
         return int(min(self.cfg.task_bytes, max(256_000, total // 32)))
 
     def docs_files(self, stage: str, key: str) -> Dict[str, List[Path]]:

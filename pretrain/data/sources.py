@@ -312,14 +312,15 @@ def read_source(
         docs = get_builtin(_builtin_name(src)).read()
     else:
         bad = bad or BadRecords(src, key)
-        docs = ((f"{i}", t) for i, t in enumerate(_read_files(src, fmt, files, bad, max_invalid_utf8_fraction)))
+        docs = ((f"{i}", t) for i, t in enumerate(read_files(src, fmt, files, bad, max_invalid_utf8_fraction)))
     for i, doc in enumerate(docs):
         if src.max_docs is not None and i >= src.max_docs:
             break
         yield doc
 
 
-def _read_files(src: SourceConfig, fmt: str, files: List[Path], bad: BadRecords, tolerance: float) -> Iterator[str]:
+def read_files(src: SourceConfig, fmt: str, files: List[Path], bad: BadRecords, tolerance: float) -> Iterator[str]:
+    """The texts of ``files`` (all of one source, of format ``fmt``), in order; bad records go to ``bad``."""
     for f in files:
         if fmt == "hf":  # files: the dataset folder's state.json, then its Arrow files
             yield from hf_disk.read(f.parent, src.text_field, bad)

@@ -16,15 +16,14 @@ import uuid
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, List
 
 from datatrove.pipeline.base import PipelineStep
 
+from pretrain.data.clean_tasks import clean_files_task, clean_task
 from pretrain.data.stats import stage_counts
-from pretrain.data.tasks import RESULTS, Chunk, read_chunk, read_parts, save_array, write_part
+from pretrain.data.tasks import PART, RESULTS, Chunk, Counted, config, read_chunk, read_parts, save_array, write_part
 from pretrain.errors import UserError
-
-PART = "part-{:05d}.jsonl"
 
 
 # ---- the datatrove step every task runs -------------------------------------------------------------
@@ -71,70 +70,16 @@ class StageTasks(PipelineStep):
         return None
 
 
-@functools.lru_cache(maxsize=4)
-def _config(blob: str):
-    import json
-
-    from pretrain.data.validation import to_config
-
-    return to_config(json.loads(blob))
-
-
-def config(ctx: dict):
-    import json
-
-    return _config(json.dumps(ctx["cfg"], sort_keys=True))
-
-
-class _Counted:
-    """Iterate documents, counting them and their UTF-8 bytes."""
-
-    def __init__(self, docs):
-        self.docs, self.n, self.nbytes = docs, 0, 0
-
-    def __iter__(self):
-        for doc in self.docs:
-            self.n += 1
-            self.nbytes += len(doc[1].encode("utf-8"))
-            yield doc
-
-
 def _parts(ctx: dict, name: str) -> List[Path]:
     root = Path(ctx["root"])
     return [root / p for p in ctx["parts"][name]]
 
 
-# ---- read + clean: one task per source ---------------------------------------------------------------
+# ---- read + clean (clean_tasks.py) ------------------------------------------------------------------
 
 
-@task("clean")
-def clean_task(ctx: dict, unit: int, folder: Path, rank: int) -> dict:
-    from pretrain.data.clean import SpanSet, clean_document
-    from pretrain.data.records import BadRecords
-    from pretrain.data.sources import read_source
-    from pretrain.data.validation import effective_stages
-
-    cfg = config(ctx)
-    src = cfg.sources[unit]
-    c = effective_stages(cfg, src).clean
-    key = f"data.sources[{unit}]"
-    bad = BadRecords(src, key)
-    raw = _Counted(read_source(src, cfg.root, key=key, bad=bad, max_invalid_utf8_fraction=c.max_invalid_utf8_fraction))
-    why, seen = Counter(), SpanSet()  # C4's repeated-span rule looks back over the whole source
-
-    def cleaned() -> Iterator:
-        for doc_id, text in raw:
-            if not c.enabled:
-                yield doc_id, text
-                continue
-            out, w = clean_document(text, c, seen)
-            why.update(w)
-            if out is not None:
-                yield doc_id, out
-
-    n, nbytes = write_part(folder / src.name / PART.format(0), cleaned())
-    return {"source": src.name, "stats": {**stage_counts(raw.n, raw.nbytes, n, nbytes, why), **bad.summary()},
-            "progress": {"docs": raw.n, "bytes": raw.nbytes}}
+task("clean-files")(clean_files_task)
+task("clean")(clean_task)
 
 
 # ---- the quality classifier, dedup and the tokenizer: one task that sees every source ---------------
@@ -160,8 +105,8 @@ def _quality_model(path: str):
     return load_model(Path(path))
 
 
-def _chunk_docs(ctx: dict, unit: Chunk) -> "_Counted":
-    return _Counted(read_chunk(Path(ctx["root"]), unit))
+def _chunk_docs(ctx: dict, unit: Chunk) -> "Counted":
+    return Counted(read_chunk(Path(ctx["root"]), unit))
 
 
 @task("dedup-sig")
@@ -273,7 +218,7 @@ def decontam_task(ctx: dict, unit: Chunk, folder: Path, rank: int) -> dict:
     cfg = config(ctx)
     src = next(s for s in cfg.sources if s.name == unit.source)
     c = effective_stages(cfg, src).decontam
-    docs = _Counted(read_chunk(Path(ctx["root"]), unit))
+    docs = Counted(read_chunk(Path(ctx["root"]), unit))
     kept, why = decontaminate(docs, _eval_ngrams(tuple(cfg.eval_files), c.ngram), c)
     n, nbytes = write_part(folder / unit.source / PART.format(rank), kept)
     return {"source": unit.source, "stats": stage_counts(docs.n, docs.nbytes, n, nbytes, why), "progress": {"docs": docs.n}}
@@ -285,7 +230,7 @@ def quality_task(ctx: dict, unit: Chunk, folder: Path, rank: int) -> dict:
     from pretrain.data.quality import filter_docs
 
     cfg, why = QualityConfig(**ctx["quality"]), Counter()
-    docs = _Counted(read_chunk(Path(ctx["root"]), unit))
+    docs = Counted(read_chunk(Path(ctx["root"]), unit))
     model = _quality_model(str(Path(ctx["root"]) / ctx["model"]))
     n, nbytes = write_part(folder / unit.source / PART.format(rank), filter_docs(unit.source, docs, model, cfg, why))
     return {"source": unit.source, "stats": stage_counts(docs.n, docs.nbytes, n, nbytes, why), "progress": {"docs": docs.n}}
@@ -311,7 +256,7 @@ def shards_task(ctx: dict, unit: Chunk, folder: Path, rank: int) -> dict:
     token_size = 2 if ctx["vocab_size"] <= np.iinfo(np.uint16).max + 1 else 4
     (folder / "_parts").mkdir(parents=True, exist_ok=True)
     out = MegatronTokenizedFile(str(folder / "_parts"), f"{rank:05d}", token_size=token_size)
-    docs, ntok, batch = _Counted(read_chunk(Path(ctx["root"]), unit)), 0, []
+    docs, ntok, batch = Counted(read_chunk(Path(ctx["root"]), unit)), 0, []
 
     def flush():
         nonlocal ntok

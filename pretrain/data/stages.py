@@ -85,7 +85,26 @@ def _nonempty(stage: str, stats: Dict[str, dict]) -> None:
         )
 
 
-# ---- read + clean: per source, one task each ---------------------------------------------------------
+# ---- read + clean: a task per run of a source's files, then a task per source (clean_tasks.py) ------
+
+
+def _file_runs(run, index: int, src) -> List[List[int]]:
+    """A source's files cut into runs of about a chunk's bytes, as [index, first, end] units for the
+    clean-files tasks; none (one task reads and cleans the source) for one run, for built-in corpora
+    and datasets folders, and under max_docs (it stops the read at a document, not a file)."""
+    from pretrain.data.sources import fingerprint, source_files
+
+    fmt, _ = source_files(src, run.cfg.root, f"data.sources[{index}]")
+    if fmt not in ("jsonl", "text", "parquet") or src.max_docs is not None:
+        return []
+    sizes = [size for _, size, _ in fingerprint(src, run.cfg.root)]
+    target, runs, first, acc = run.task_bytes(sum(sizes)), [], 0, 0
+    for k, size in enumerate(sizes):
+        acc += size
+        if acc >= target or k == len(sizes) - 1:
+            runs.append([index, first, k + 1])
+            first, acc = k + 1, 0
+    return runs if len(runs) > 1 else []
 
 
 def clean(run, keys) -> Parts:
@@ -94,7 +113,17 @@ def clean(run, keys) -> Parts:
     stats = {}
     if todo:
         job = cache.make_key("clean-job", [keys["clean"][s.name] for _, s in todo])
-        partial, results = run_tasks(run, "clean", job, [i for i, _ in todo], _context(run), "read + clean", None)
+        units = [u for i, s in todo for u in _file_runs(run, i, s)]
+        pre, pre_dir = {}, None
+        if units:
+            pre_dir, pre_results = run_tasks(run, "clean-files", job, units, _context(run), "read + clean: files", None)
+            for i, s in todo:
+                ranks = [r for r, u in enumerate(units) if u[0] == i]
+                if ranks:
+                    pre[s.name] = {"dir": str((pre_dir / s.name).relative_to(run.root)), "ranks": ranks,
+                                   "results": [{k: pre_results[r][k] for k in ("records", "bytes", "why", "bad")} for r in ranks]}
+        desc = "read + clean: repeated spans" if len(pre) == len(todo) else "read + clean"
+        partial, results = run_tasks(run, "clean", job, [i for i, _ in todo], _context(run, pre=pre), desc, None)
         for (i, s), res in zip(todo, results):
             st, key = res["stats"], f"data.sources[{i}]"
             if st["docs_in"] == 0:
@@ -114,6 +143,8 @@ def clean(run, keys) -> Parts:
             rel = [str((final / p.name).relative_to(run.root)) for p in sorted(sub.glob("part-*.jsonl"))]
             publish(sub, final, {"docs": {s.name: rel}, "stats": res["stats"]})
         shutil.rmtree(partial, ignore_errors=True)
+        if pre_dir:
+            shutil.rmtree(pre_dir, ignore_errors=True)
     files = {}
     for s in cfg.sources:
         m = cache.read_manifest(cache.stage_dir(run.root, "clean", keys["clean"][s.name]))

@@ -14,6 +14,7 @@ holds the lines that *start* inside its range, so chunks cover each file exactly
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 
 Doc = Tuple[str, str]
 RESULTS = "_results"
+PART = "part-{:05d}.jsonl"
 
 
 @dataclass(frozen=True)
@@ -137,3 +139,31 @@ def publish(partial: Path, final: Path, manifest: dict) -> None:
         if not (final / MANIFEST).is_file():
             raise
         shutil.rmtree(partial, ignore_errors=True)  # another job published the same key meanwhile
+
+
+# ---- what every task body uses ------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4)
+def _config(blob: str):
+    from pretrain.data.validation import to_config
+
+    return to_config(json.loads(blob))
+
+
+def config(ctx: dict):
+    """The data config a task was given (``ctx["cfg"]``), parsed once per process."""
+    return _config(json.dumps(ctx["cfg"], sort_keys=True))
+
+
+class Counted:
+    """Iterate documents, counting them and their UTF-8 bytes."""
+
+    def __init__(self, docs):
+        self.docs, self.n, self.nbytes = docs, 0, 0
+
+    def __iter__(self):
+        for doc in self.docs:
+            self.n += 1
+            self.nbytes += len(doc[1].encode("utf-8"))
+            yield doc

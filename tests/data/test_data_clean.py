@@ -78,7 +78,7 @@ def test_span_set_answers_like_a_set_across_merges():
     """The compact span record (sorted array + buffer) against Python's set, over many merges."""
     rng = random.Random(3)
     spans, reference = SpanSet(buffer=64), set()
-    pool = [rng.getrandbits(64).to_bytes(8, "little") for _ in range(3000)]
+    pool = [rng.getrandbits(64) for _ in range(3000)]
     for step in range(200):
         batch = rng.sample(pool, 20)
         assert [h in spans for h in batch] == [h in reference for h in batch], step

@@ -1,0 +1,160 @@
+"""Read + clean's tasks: a source in one task, or (a source of several files) in two steps.
+
+C4's repeated-span rule looks back over everything a source has kept so far, and a document's id
+is its index among the source's records; both are sequential. Everything else looks at one
+document, so a source of several files is cleaned in two steps:
+
+- ``clean-files``, a task per run of files (``stages.clean`` cuts them): reads the records, applies
+  every rule up to the span pass (``clean.before_spans``) and hashes the spans of each line that can
+  hold one. It writes ``pre-NNNNN.jsonl``: each record that reached the span pass, by its index in
+  the run, with its final text when no line holds a span, or else its text, the verdict of the rules
+  after the pass if it removes nothing, and its lines' span counts (the hashes, ``uint64``, in
+  ``pre-NNNNN.bin``, in the same order).
+- ``clean``, a task per source: reads the runs in order, numbers the documents, and does the span
+  pass and what follows it (``clean.finish_spans``). Its output equals the one-task path's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, List
+
+import numpy as np
+
+from pretrain.data.stats import stage_counts
+from pretrain.data.tasks import PART, Counted, config, write_part
+
+PRE = "pre-{:05d}"
+
+
+def clean_files_task(ctx: dict, unit: list, folder: Path, rank: int) -> dict:
+    """The rules up to the span pass, over files [first, end) of source ``index`` (unit)."""
+    from pretrain.data.clean import after_spans, before_spans, spanned_lines
+    from pretrain.data.records import BadRecords
+    from pretrain.data.sources import read_files, source_files
+    from pretrain.data.validation import effective_stages
+
+    cfg = config(ctx)
+    index, first, end = unit
+    src, key = cfg.sources[index], f"data.sources[{index}]"
+    c = effective_stages(cfg, src).clean
+    fmt, files = source_files(src, cfg.root, key)
+    bad, why = BadRecords(src, key), Counter()
+    records = Counted((k, t) for k, t in enumerate(read_files(src, fmt, files[first:end], bad, c.max_invalid_utf8_fraction)))
+    base = folder / src.name / PRE.format(rank)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    tmp = base.with_name(f".{base.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(f"{tmp}.jsonl", "w", encoding="utf-8") as out, open(f"{tmp}.bin", "wb") as hashes:
+        for k, text in records:
+            if not c.enabled:
+                out.write(json.dumps({"i": k, "t": text}, ensure_ascii=False) + "\n")
+                continue
+            text, w = before_spans(text, c)
+            why.update(w)
+            if text is None:
+                continue
+            spanned = spanned_lines(text) if c.dedup_sentence_spans else []
+            if not spanned:  # nothing for the span pass to do: finish here
+                text = after_spans(text, c, c.dedup_sentence_spans, why)[0]
+                if text is not None:
+                    out.write(json.dumps({"i": k, "t": text}, ensure_ascii=False) + "\n")
+                continue
+            verdict: Counter = Counter()
+            after_spans(text, c, True, verdict)
+            rec = {"i": k, "t": text, "l": [[i, length, len(h)] for i, length, h in spanned]}
+            if verdict:
+                rec["v"] = next(iter(verdict))
+            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            hashes.write(np.array([h for _, _, hs in spanned for h in hs], dtype=np.uint64).tobytes())
+    os.replace(f"{tmp}.bin", f"{base}.bin")
+    os.replace(f"{tmp}.jsonl", f"{base}.jsonl")
+    return {"source": src.name, "records": records.n, "bytes": records.nbytes, "why": dict(why), "bad": bad.summary(),
+            "progress": {"docs": records.n, "bytes": records.nbytes}}
+
+
+def clean_task(ctx: dict, unit: int, folder: Path, rank: int) -> dict:
+    """Read + clean of source ``unit``: in this task, or the span pass over its ``clean-files`` runs
+    (``ctx["pre"][name]``: their folder, ranks and results)."""
+    from pretrain.data.clean import SpanSet, clean_document
+    from pretrain.data.records import BadRecords
+    from pretrain.data.sources import read_source
+    from pretrain.data.validation import effective_stages
+
+    cfg = config(ctx)
+    src = cfg.sources[unit]
+    c = effective_stages(cfg, src).clean
+    if src.name in ctx.get("pre", {}):
+        return _span_pass(ctx, src.name, c, folder)
+    key = f"data.sources[{unit}]"
+    bad = BadRecords(src, key)
+    raw = Counted(read_source(src, cfg.root, key=key, bad=bad, max_invalid_utf8_fraction=c.max_invalid_utf8_fraction))
+    why, seen = Counter(), SpanSet()  # C4's repeated-span rule looks back over the whole source
+
+    def cleaned() -> Iterator:
+        for doc_id, text in raw:
+            if not c.enabled:
+                yield doc_id, text
+                continue
+            out, w = clean_document(text, c, seen)
+            why.update(w)
+            if out is not None:
+                yield doc_id, out
+
+    n, nbytes = write_part(folder / src.name / PART.format(0), cleaned())
+    return {"source": src.name, "stats": {**stage_counts(raw.n, raw.nbytes, n, nbytes, sorted_counts(why)), **bad.summary()},
+            "progress": {"docs": raw.n, "bytes": raw.nbytes}}
+
+
+def _span_pass(ctx: dict, name: str, c, folder: Path) -> dict:
+    from pretrain.data.clean import SpanSet, finish_spans
+
+    pre, root = ctx["pre"][name], Path(ctx["root"])
+    why, seen = Counter(), SpanSet()
+
+    def docs() -> Iterator:
+        offset = 0
+        for rank, res in zip(pre["ranks"], pre["results"]):
+            base = root / pre["dir"] / PRE.format(rank)
+            with open(f"{base}.jsonl", encoding="utf-8") as records, open(f"{base}.bin", "rb") as hashes:
+                for line in records:
+                    d = json.loads(line)
+                    doc_id = str(offset + d["i"])
+                    if "l" not in d:
+                        yield doc_id, d["t"]
+                        continue
+                    flat = np.frombuffer(hashes.read(8 * sum(n for _, _, n in d["l"])), dtype=np.uint64).tolist()
+                    spanned, at = [], 0
+                    for i, length, n in d["l"]:
+                        spanned.append((i, length, flat[at : at + n]))
+                        at += n
+                    text = finish_spans(d["t"], spanned, d.get("v"), c, seen, why)
+                    if text is not None:
+                        yield doc_id, text
+            offset += res["records"]
+
+    n, nbytes = write_part(folder / name / PART.format(0), docs())
+    results = pre["results"]
+    for res in results:
+        why.update(res["why"])
+    records, raw_bytes = sum(r["records"] for r in results), sum(r["bytes"] for r in results)
+    return {"source": name, "stats": {**stage_counts(records, raw_bytes, n, nbytes, sorted_counts(why)),
+                                      **merged_bad_records([r["bad"] for r in results])},
+            "progress": {"docs": 0, "bytes": 0}}
+
+
+def sorted_counts(counts: Counter) -> dict:
+    """A stage's reasons in a fixed order (whichever way the source was split, the same stats)."""
+    return dict(sorted(counts.items()))
+
+
+def merged_bad_records(summaries: List[dict]) -> dict:
+    """One source's BadRecords.summary() from its runs' (in order)."""
+    kinds: Counter = Counter()
+    for s in summaries:
+        kinds.update(s["bad_record_kinds"])
+    return {"bad_records": sum(s["bad_records"] for s in summaries), "bad_record_kinds": dict(sorted(kinds.items())),
+            "bad_record_examples": [e for s in summaries for e in s["bad_record_examples"]][:10]}
