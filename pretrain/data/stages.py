@@ -114,14 +114,16 @@ def clean(run, keys) -> Parts:
     if todo:
         job = cache.make_key("clean-job", [keys["clean"][s.name] for _, s in todo])
         units = [u for i, s in todo for u in _file_runs(run, i, s)]
-        pre, pre_dir = {}, None
+        pre, pre_dir, pre_wall = {}, None, 0.0
         if units:
+            pre_wall = time.time()
             pre_dir, pre_results = run_tasks(run, "clean-files", job, units, _context(run), "read + clean: files", None)
             for i, s in todo:
                 ranks = [r for r, u in enumerate(units) if u[0] == i]
                 if ranks:
                     pre[s.name] = {"dir": str((pre_dir / s.name).relative_to(run.root)), "ranks": ranks,
                                    "results": [{k: pre_results[r][k] for k in ("records", "bytes", "why", "bad")} for r in ranks]}
+            pre_wall = time.time() - pre_wall
         desc = "read + clean: repeated spans" if len(pre) == len(todo) else "read + clean"
         partial, results = run_tasks(run, "clean", job, [i for i, _ in todo], _context(run, pre=pre), desc, None)
         for (i, s), res in zip(todo, results):
@@ -139,7 +141,8 @@ def clean(run, keys) -> Parts:
         for (i, s), res in zip(todo, results):
             final = cache.stage_dir(run.root, "clean", keys["clean"][s.name])
             sub = partial / s.name
-            write_stage_stats(sub, "clean", {s.name: res["stats"]}, res["seconds"])
+            # A split source's seconds: its span pass, and the file runs' wall time (shared by every split source).
+            write_stage_stats(sub, "clean", {s.name: res["stats"]}, res["seconds"] + (pre_wall if s.name in pre else 0.0))
             rel = [str((final / p.name).relative_to(run.root)) for p in sorted(sub.glob("part-*.jsonl"))]
             publish(sub, final, {"docs": {s.name: rel}, "stats": res["stats"]})
         shutil.rmtree(partial, ignore_errors=True)
