@@ -62,6 +62,16 @@ class SpanSet:
         i = int(np.searchsorted(self._sorted, np.uint64(v)))
         return i < len(self._sorted) and int(self._sorted[i]) == v
 
+    def isin(self, values: np.ndarray) -> np.ndarray:
+        """``v in self`` for each of ``values`` (uint64), at once."""
+        hit = np.zeros(len(values), dtype=bool)
+        if len(self._sorted):
+            at = np.minimum(np.searchsorted(self._sorted, values), len(self._sorted) - 1)
+            hit = self._sorted[at] == values
+        if self._recent:
+            hit |= np.fromiter((v in self._recent for v in values.tolist()), dtype=bool, count=len(values))
+        return hit
+
     def update(self, hashes: Iterable[int]) -> None:
         self._recent.update(hashes)
         if len(self._recent) >= self._buffer:
@@ -138,7 +148,7 @@ def after_spans(text: str, cfg: CleanConfig, spans: bool, why: Counter) -> Tuple
     """The rules after the span pass (``spans``: whether it ran): blank runs collapsed, C4's sentence
     minimum, GPT-3's length minimum."""
     if cfg.c4_lines or spans:
-        text = _collapse(text)
+        text = collapse_blank_lines(text)
     if cfg.c4_page and len(split_sentences(text)) < cfg.min_sentences:
         why["few_sentences"] += 1
         return None, why
@@ -165,35 +175,28 @@ def without_repeated_spans(text: str, spanned: List[SpannedLine], cfg: CleanConf
     in this document), recording the spans it keeps; or ``text`` whole, nothing recorded, when those
     lines are more than ``max_repeated_span_fraction`` of the characters of its lines of three or
     more sentences. ``spanned`` is ``spanned_lines(text)``."""
-    repeated = _repeated_lines(spanned, cfg, seen_spans, why)
-    return "\n".join(line for i, line in enumerate(text.split("\n")) if i not in repeated) if repeated else text
+    repeated = repeated_lines(spanned, cfg, seen_spans, why)
+    return without_lines(text, repeated) if repeated else text
 
 
-def finish_spans(text: str, spanned: List[SpannedLine], verdict: Optional[str], cfg: CleanConfig,
-                 seen_spans: Set[int] | SpanSet, why: Counter) -> Optional[str]:
-    """clean_document's end, for a document whose rules up to the span pass ran elsewhere (in
-    parallel, per file): ``text`` as they left it, its ``spanned_lines`` and ``verdict``, what
-    ``after_spans`` says of it if no line is removed (None: kept, else the reason it is dropped)."""
-    repeated = _repeated_lines(spanned, cfg, seen_spans, why)
-    if repeated:
-        kept = "\n".join(line for i, line in enumerate(text.split("\n")) if i not in repeated)
-        return after_spans(kept, cfg, True, why)[0]
-    if verdict:
-        why[verdict] += 1
-        return None
-    return _collapse(text)
-
-
-def _repeated_lines(spanned: List[SpannedLine], cfg: CleanConfig, seen_spans: Set[int] | SpanSet, why: Counter) -> Set[int]:
-    """The lines to remove, and the spans recorded (see without_repeated_spans)."""
-    repeated, new_spans, chars, spanned_chars = set(), set(), {}, 0
+def repeated_lines(spanned: List[SpannedLine], cfg: CleanConfig, seen_spans: Set[int] | SpanSet, why: Counter) -> Set[int]:
+    """The lines without_repeated_spans removes (none when the document is left whole), recording
+    the spans it keeps. Blank lines do not count, so the indices may be those of the text before or
+    after collapse_blank_lines: the result, collapsed, is the same."""
+    flat = [h for _, _, spans in spanned for h in spans]
+    if isinstance(seen_spans, SpanSet):
+        seen = seen_spans.isin(np.array(flat, dtype=np.uint64)).tolist()
+    else:
+        seen = [h in seen_spans for h in flat]
+    repeated, new_spans, chars, spanned_chars, at = set(), set(), {}, 0, 0
     for i, length, spans in spanned:
         spanned_chars += length
         chars[i] = length
-        if any(h in seen_spans or h in new_spans for h in spans):
+        if any(seen[at : at + len(spans)]) or any(h in new_spans for h in spans):
             repeated.add(i)
         else:
             new_spans.update(spans)
+        at += len(spans)
     if not repeated:
         seen_spans.update(new_spans)
         return repeated
@@ -206,7 +209,12 @@ def _repeated_lines(spanned: List[SpannedLine], cfg: CleanConfig, seen_spans: Se
     return repeated
 
 
-def _collapse(text: str) -> str:
+def without_lines(text: str, lines: Set[int]) -> str:
+    return "\n".join(line for i, line in enumerate(text.split("\n")) if i not in lines)
+
+
+def collapse_blank_lines(text: str) -> str:
+    """Runs of blank lines become one; none at the start or the end."""
     return re.sub(r"\n{3,}", "\n\n", text).strip("\n")
 
 

@@ -5,13 +5,16 @@ is its index among the source's records; both are sequential. Everything else lo
 document, so a source of several files is cleaned in two steps:
 
 - ``clean-files``, a task per run of files (``stages.clean`` cuts them): reads the records, applies
-  every rule up to the span pass (``clean.before_spans``) and hashes the spans of each line that can
-  hold one. It writes ``pre-NNNNN.jsonl``: each record that reached the span pass, by its index in
-  the run, with its final text when no line holds a span, or else its text, the verdict of the rules
-  after the pass if it removes nothing, and its lines' span counts (the hashes, ``uint64``, in
-  ``pre-NNNNN.bin``, in the same order).
-- ``clean``, a task per source: reads the runs in order, numbers the documents, and does the span
-  pass and what follows it (``clean.finish_spans``). Its output equals the one-task path's.
+  every rule up to the span pass (``clean.before_spans``), collapses blank lines and hashes the
+  spans of each line that can hold one. It writes ``pre-NNNNN.jsonl``, a line per record that
+  reached the span pass: a JSON header (its index in the run ``i``, its text's UTF-8 bytes ``n``;
+  for a document with spans, each such line's index, length and span count ``l`` and, when the
+  rules after the pass drop it unless the pass removes a line, why ``v``), a tab, and its text as
+  the JSON string the output will hold: the final text unless the span pass removes a line.
+  The span hashes (``uint64``) go to ``pre-NNNNN.bin`` in the same order.
+- ``clean``, a task per source: reads the runs in order, numbers the documents and does the span
+  pass; a document it leaves unchanged is copied through without decoding its text. Its output
+  equals the one-task path's, byte for byte.
 """
 
 from __future__ import annotations
@@ -26,14 +29,14 @@ from typing import Iterator, List
 import numpy as np
 
 from pretrain.data.stats import stage_counts
-from pretrain.data.tasks import PART, Counted, config, write_part
+from pretrain.data.tasks import PART, Counted, config, write_encoded_part, write_part
 
 PRE = "pre-{:05d}"
 
 
 def clean_files_task(ctx: dict, unit: list, folder: Path, rank: int) -> dict:
     """The rules up to the span pass, over files [first, end) of source ``index`` (unit)."""
-    from pretrain.data.clean import after_spans, before_spans, spanned_lines
+    from pretrain.data.clean import after_spans, before_spans, collapse_blank_lines, spanned_lines
     from pretrain.data.records import BadRecords
     from pretrain.data.sources import read_files, source_files
     from pretrain.data.validation import effective_stages
@@ -48,27 +51,34 @@ def clean_files_task(ctx: dict, unit: list, folder: Path, rank: int) -> dict:
     base = folder / src.name / PRE.format(rank)
     base.parent.mkdir(parents=True, exist_ok=True)
     tmp = base.with_name(f".{base.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+    def line(head: dict, text: str) -> str:
+        return f"{json.dumps({**head, 'n': len(text.encode('utf-8'))})}\t{json.dumps(text, ensure_ascii=False)}\n"
+
     with open(f"{tmp}.jsonl", "w", encoding="utf-8") as out, open(f"{tmp}.bin", "wb") as hashes:
         for k, text in records:
             if not c.enabled:
-                out.write(json.dumps({"i": k, "t": text}, ensure_ascii=False) + "\n")
+                out.write(line({"i": k}, text))
                 continue
             text, w = before_spans(text, c)
             why.update(w)
             if text is None:
                 continue
-            spanned = spanned_lines(text) if c.dedup_sentence_spans else []
+            spanned = []
+            if c.dedup_sentence_spans:  # line indices are the collapsed text's (see clean.repeated_lines)
+                text = collapse_blank_lines(text)
+                spanned = spanned_lines(text)
             if not spanned:  # nothing for the span pass to do: finish here
                 text = after_spans(text, c, c.dedup_sentence_spans, why)[0]
                 if text is not None:
-                    out.write(json.dumps({"i": k, "t": text}, ensure_ascii=False) + "\n")
+                    out.write(line({"i": k}, text))
                 continue
             verdict: Counter = Counter()
             after_spans(text, c, True, verdict)
-            rec = {"i": k, "t": text, "l": [[i, length, len(h)] for i, length, h in spanned]}
+            head = {"i": k, "l": [[i, length, len(h)] for i, length, h in spanned]}
             if verdict:
-                rec["v"] = next(iter(verdict))
-            out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                head["v"] = next(iter(verdict))
+            out.write(line(head, text))
             hashes.write(np.array([h for _, _, hs in spanned for h in hs], dtype=np.uint64).tobytes())
     os.replace(f"{tmp}.bin", f"{base}.bin")
     os.replace(f"{tmp}.jsonl", f"{base}.jsonl")
@@ -110,7 +120,7 @@ def clean_task(ctx: dict, unit: int, folder: Path, rank: int) -> dict:
 
 
 def _span_pass(ctx: dict, name: str, c, folder: Path) -> dict:
-    from pretrain.data.clean import SpanSet, finish_spans
+    from pretrain.data.clean import SpanSet, after_spans, repeated_lines, without_lines
 
     pre, root = ctx["pre"][name], Path(ctx["root"])
     why, seen = Counter(), SpanSet()
@@ -121,22 +131,30 @@ def _span_pass(ctx: dict, name: str, c, folder: Path) -> dict:
             base = root / pre["dir"] / PRE.format(rank)
             with open(f"{base}.jsonl", encoding="utf-8") as records, open(f"{base}.bin", "rb") as hashes:
                 for line in records:
-                    d = json.loads(line)
-                    doc_id = str(offset + d["i"])
+                    head, _, encoded = line.partition("\t")
+                    d = json.loads(head)
+                    doc_id, encoded = str(offset + d["i"]), encoded.rstrip("\n")
                     if "l" not in d:
-                        yield doc_id, d["t"]
+                        yield doc_id, encoded, d["n"]
                         continue
                     flat = np.frombuffer(hashes.read(8 * sum(n for _, _, n in d["l"])), dtype=np.uint64).tolist()
                     spanned, at = [], 0
                     for i, length, n in d["l"]:
                         spanned.append((i, length, flat[at : at + n]))
                         at += n
-                    text = finish_spans(d["t"], spanned, d.get("v"), c, seen, why)
+                    repeated = repeated_lines(spanned, c, seen, why)
+                    if not repeated:
+                        if "v" in d:
+                            why[d["v"]] += 1
+                        else:
+                            yield doc_id, encoded, d["n"]
+                        continue
+                    text = after_spans(without_lines(json.loads(encoded), repeated), c, True, why)[0]
                     if text is not None:
-                        yield doc_id, text
+                        yield doc_id, json.dumps(text, ensure_ascii=False), len(text.encode("utf-8"))
             offset += res["records"]
 
-    n, nbytes = write_part(folder / name / PART.format(0), docs())
+    n, nbytes = write_encoded_part(folder / name / PART.format(0), docs())
     results = pre["results"]
     for res in results:
         why.update(res["why"])

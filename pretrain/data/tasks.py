@@ -65,15 +65,20 @@ def read_chunk(root: Path, chunk: Chunk) -> Iterator[Doc]:
 
 def write_part(path: Path, docs) -> Tuple[int, int]:
     """Write documents as JSONL (published by rename); returns (documents, text bytes)."""
+    return write_encoded_part(path, ((i, json.dumps(t, ensure_ascii=False), len(t.encode("utf-8"))) for i, t in docs))
+
+
+def write_encoded_part(path: Path, docs) -> Tuple[int, int]:
+    """write_part of (id, the text as a JSON string, its UTF-8 bytes): the same lines, from text
+    encoded earlier (the id must need no escaping)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     n = nbytes = 0
     with open(tmp, "w", encoding="utf-8") as f:
-        for doc_id, text in docs:
-            f.write(json.dumps({"id": doc_id, "text": text}, ensure_ascii=False))
-            f.write("\n")
+        for doc_id, encoded, size in docs:
+            f.write(f'{{"id": {json.dumps(doc_id)}, "text": {encoded}}}\n')
             n += 1
-            nbytes += len(text.encode("utf-8"))
+            nbytes += size
     os.replace(tmp, path)
     return n, nbytes
 

@@ -1,5 +1,7 @@
 import random
 
+import numpy as np
+
 from pretrain.data.clean import SpanSet, clean_document, clean_documents
 from pretrain.data.config import CleanConfig
 
@@ -82,6 +84,7 @@ def test_span_set_answers_like_a_set_across_merges():
     for step in range(200):
         batch = rng.sample(pool, 20)
         assert [h in spans for h in batch] == [h in reference for h in batch], step
+        assert spans.isin(np.array(batch, dtype=np.uint64)).tolist() == [h in reference for h in batch], step
         new = [h for h in batch if h not in reference]
         spans.update(new)
         reference.update(new)
