@@ -145,6 +145,10 @@ class SlurmExecutorConfig:
     mem_per_cpu: Optional[str] = None  # --mem-per-cpu, e.g. 4G; null: the partition's default
     max_parallel: Optional[int] = None  # array tasks running at once (null: as many as Slurm gives)
     poll_seconds: float = 2.0  # how often the driver asks squeue whether a stage's job is done
+    # true: the driver runs as Slurm jobs too, one step after each stage's array job, which it
+    # depends on (--dependency=afterany); the calling process only waits (slurm_jobs.py).
+    # false: the calling process submits each stage's array job and waits for it.
+    chain: bool = True
 
 
 @dataclass

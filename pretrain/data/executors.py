@@ -93,16 +93,18 @@ def _local(cfg: DataConfig, step: StageTasks, tasks: int, logs: Path, workers: i
 class _Slurm:
     """A stage as one Slurm array job: array task r runs ``python -m pretrain.data.run_task SPEC r``,
     which rebuilds the stage's step from SPEC (JSON: no pickles) and runs task r through datatrove
-    (its log, stats and completion marker). Only unfinished tasks are submitted; the driver waits
-    for the job to leave the queue, then checks every task's result."""
+    (its log, stats and completion marker). Only unfinished tasks are submitted. In a step of a
+    Slurm chain (slurm_jobs.py, data.slurm.chain) the next step is submitted to run after the
+    array and this one ends; otherwise the driver waits for the job to leave the queue. Then the
+    driver checks every task's result."""
 
     def __init__(self, cfg: DataConfig, step: StageTasks, tasks: int, logs: Path):
         self.cfg, self.step, self.tasks, self.logs = cfg, step, tasks, logs
 
     def run(self) -> None:
-        import subprocess
         import time
 
+        from pretrain.data import slurm_jobs
         from pretrain.data.run_task import write_spec
 
         ranks = [r for r in range(self.tasks) if not (self.logs / "completions" / f"{r:05d}").exists()]
@@ -110,43 +112,13 @@ class _Slurm:
             return
         (self.logs / "slurm").mkdir(parents=True, exist_ok=True)
         spec = write_spec(self.logs / "slurm" / "stage.json", self.step, self.tasks, str(self.logs))
-        script = self.logs / "slurm" / "stage.sbatch"
-        script.write_text(render_sbatch(self.cfg, self.step.stage, spec, ranks, self.logs / "slurm"))
-        sc = self.cfg.slurm
-        proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise DataConfigError(f"data.executor=slurm: sbatch refused the {self.step.stage} job ({script}): "
-                                  f"{proc.stderr.strip()[-1000:]}; check data.slurm.cluster={sc.cluster!r} and its overrides")
-        job = proc.stdout.strip().split(";")[0]
-        while True:
-            q = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True)
-            if q.returncode != 0 or not q.stdout.strip():
-                return
-            time.sleep(sc.poll_seconds)
-
-
-def render_sbatch(cfg: DataConfig, stage: str, spec: Path, ranks: List[int], out: Path) -> str:
-    """The array job's script, from the cluster file's partition, account, qos, time, python,
-    workdir, setup, env and extra_sbatch (secret-looking env names come from the submitting shell)."""
-    import os
-    import shlex
-
-    from pretrain.launch.cluster import load_cluster, sbatch_quote
-
-    sc = cfg.slurm
-    c = load_cluster(sc.cluster, list(sc.overrides))
-    array = ",".join(str(r) for r in ranks) + (f"%{sc.max_parallel}" if sc.max_parallel else "")
-    lines = ["#!/bin/bash", f"#SBATCH --job-name=pretrain-data-{stage}", f"#SBATCH --array={array}",
-             "#SBATCH --ntasks=1", f"#SBATCH --cpus-per-task={sc.cpus_per_task}",
-             f"#SBATCH --output={sbatch_quote(str(out / '%A_%a.out'))}", f"#SBATCH --time={sbatch_quote(c.time)}"]
-    for flag, value in (("partition", c.partition), ("account", c.account), ("qos", c.qos), ("mem-per-cpu", sc.mem_per_cpu)):
-        if value:
-            lines.append(f"#SBATCH --{flag}={sbatch_quote(str(value))}")
-    lines += [f"#SBATCH {x}" for x in c.extra_sbatch]
-    lines += ["set -euo pipefail", f"cd {shlex.quote(c.workdir or os.getcwd())}", *c.setup]
-    lines += [f"export {k}={shlex.quote(str(v))}" for k, v in c.env.items() if v is not None and k not in c.passthrough]
-    lines.append(f'exec {shlex.quote(c.python)} -m pretrain.data.run_task {shlex.quote(str(spec))} "$SLURM_ARRAY_TASK_ID"')
-    return "\n".join(lines) + "\n"
+        array = ",".join(str(r) for r in ranks) + (f"%{self.cfg.slurm.max_parallel}" if self.cfg.slurm.max_parallel else "")
+        job = slurm_jobs.submit(self.cfg, self.logs / "slurm" / "stage.sbatch", f"pretrain-data-{self.step.stage}",
+                     ["pretrain.data.run_task", str(spec), "$SLURM_ARRAY_TASK_ID"], array=array)
+        if slurm_jobs.in_step():
+            slurm_jobs.continue_after(self.cfg, job)  # raises: this step's part is done
+        while slurm_jobs.queued([job]):
+            time.sleep(self.cfg.slurm.poll_seconds)
 
 
 _RAY_STARTED = False

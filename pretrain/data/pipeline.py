@@ -16,7 +16,7 @@ from typing import Dict, List, Tuple
 
 from omegaconf import OmegaConf
 
-from pretrain.data import cache, stages
+from pretrain.data import cache, slurm_jobs, stages
 from pretrain.data.config import DataConfig, StagesConfig
 from pretrain.data.mixture import mixture_report, print_report, write_report
 from pretrain.data.progress import StageProgress
@@ -134,24 +134,31 @@ def prepare_data(data_cfg, console=None) -> PreparedData:
     else:
         console.print(f"data [bold]{cfg.name}[/bold]: preparing {len(cfg.sources)} sources into {run.root} "
                       f"(executor {cfg.executor})")
-        from pretrain.data.executors import shutdown, start_local_workers
-
-        if cfg.executor == "local" and run.workers(1 << 30) > 1:
-            start_local_workers()  # their imports overlap the first stage
-        try:
-            files = stages.clean(run, keys)
-            for stage, fn in (("quality", stages.quality), ("dedup", stages.dedup), ("decontam", stages.decontam)):
-                if cache.is_done(cache.stage_dir(run.root, stage, keys[stage])):
-                    files = run.docs_files(stage, keys[stage])
-                    console.print(f"{stage}: reusing cached output")
-                else:
-                    files = fn(run, keys, files)
-            tok_file = stages.tokenizer(run, keys, files)
-            stages.shards(run, keys, files, tok_file)
-        finally:
-            shutdown()  # a local Ray started for this job
+        if cfg.executor == "slurm" and cfg.slurm.chain and not slurm_jobs.in_step():
+            slurm_jobs.run(cfg, run.cfg_dict, slurm_jobs.folder(run.root, keys["shards"]), shard_path, console)
+        else:
+            _run_stages(run, keys)
         console.print(f"data prepared in {time.time() - t0:.1f}s")
     return _prepared(cfg, run.root, keys, shard_path, console, hit)
+
+
+def _run_stages(run: _Run, keys) -> None:
+    from pretrain.data.executors import shutdown, start_local_workers
+
+    if run.cfg.executor == "local" and run.workers(1 << 30) > 1:
+        start_local_workers()  # their imports overlap the first stage
+    try:
+        files = stages.clean(run, keys)
+        for stage, fn in (("quality", stages.quality), ("dedup", stages.dedup), ("decontam", stages.decontam)):
+            if cache.is_done(cache.stage_dir(run.root, stage, keys[stage])):
+                files = run.docs_files(stage, keys[stage])
+                run.console.print(f"{stage}: reusing cached output")
+            else:
+                files = fn(run, keys, files)
+        tok_file = stages.tokenizer(run, keys, files)
+        stages.shards(run, keys, files, tok_file)
+    finally:
+        shutdown()  # a local Ray started for this job
 
 
 def _prepared(cfg: DataConfig, root: Path, keys, shard_path: Path, console, hit: bool) -> PreparedData:

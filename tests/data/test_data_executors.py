@@ -79,19 +79,48 @@ def test_local_uses_several_tasks_per_chunked_stage(local, corpus, tmp_path):
     assert _outputs(shard_dir) == local  # the same again
 
 
-def test_slurm_executor_gives_identical_outputs(slurm, local, corpus, tmp_path):
-    cfg = _config(corpus, tmp_path / "cache", "slurm", slurm={
-        "cluster": "local-cpu", "overrides": [f"python={sys.executable}", f"workdir={REPO}"],
-        "cpus_per_task": 1, "max_parallel": 2, "poll_seconds": 0.5})
+def _slurm(**extra) -> dict:
+    return {"cluster": "local-cpu", "overrides": [f"python={sys.executable}", f"workdir={REPO}"],
+            "cpus_per_task": 1, "max_parallel": 2, "poll_seconds": 0.5, **extra}
+
+
+@pytest.mark.parametrize("chain", [True, False], ids=["chained-jobs", "driver-waits"])
+def test_slurm_executor_gives_identical_outputs(slurm, local, corpus, tmp_path, chain):
+    cfg = _config(corpus, tmp_path / "cache", "slurm", slurm=_slurm(chain=chain))
     shard_dir = _prepare(cfg, env=slurm)
     assert _outputs(shard_dir) == local
-    scripts = list((tmp_path / "cache" / "_logs").glob("*/*/slurm/stage.sbatch"))
-    assert {p.parts[-4] for p in scripts} >= {"clean", "dedup", "decontam", "tokenizer", "shards"}
+    logs = tmp_path / "cache" / "_logs"
+    scripts = list(logs.glob("*/*/slurm/stage.sbatch"))
+    assert {p.parts[-4] for p in scripts} >= {"clean-files", "clean", "dedup", "decontam", "tokenizer", "shards"}
     text = next(p for p in scripts if p.parts[-4] == "shards").read_text()
     assert "#SBATCH --array=0," in text and "%2" in text and "-m pretrain.data.run_task" in text
     # Each array task logged through datatrove and left its completion marker.
-    (job,) = (tmp_path / "cache" / "_logs" / "shards").iterdir()
+    (job,) = (logs / "shards").iterdir()
     assert len(list((job / "completions").iterdir())) == len(list((job / "logs").glob("task_*.log"))) >= 4
+    if not chain:
+        assert not (logs / "chain").exists()
+        return
+    # The driver ran as Slurm jobs: after each stage's array job, a step that depends on it.
+    (folder,) = (logs / "chain").iterdir()
+    jobs = [json.loads(x) for x in (folder / "jobs.jsonl").read_text().splitlines()]
+    steps, arrays = [j for j in jobs if j["kind"] == "step"], [j["job"] for j in jobs if j["kind"] == "array"]
+    assert steps[0]["after"] is None and [s["after"] for s in steps[1:]] == arrays and len(arrays) == len(scripts)
+    for k, step in enumerate(steps[1:], 1):
+        text = (folder / f"step-{k:03d}.sbatch").read_text()
+        assert f"#SBATCH --dependency=afterany:{step['after']}" in text and "-m pretrain.data.slurm_chain" in text
+    assert len(list(folder.glob("*.out"))) == len(steps)  # each step's log
+
+
+def test_an_error_in_a_slurm_chain_step_reaches_the_caller(slurm, corpus, tmp_path):
+    """A stage's check fails in a driver step (a Slurm job): the caller raises the same named error."""
+    cfg = _config(corpus, tmp_path / "cache", "slurm", slurm=_slurm())
+    cfg["stages"] = {"clean": {"min_chars": 10**7}}  # every document is too short
+    proc = subprocess.run([sys.executable, "-c", JOB, json.dumps(cfg)], cwd=REPO, env={**child_env(), **slurm},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "DataConfigError" in proc.stderr and "have no documents left after clean" in proc.stderr, proc.stderr[-3000:]
+    (folder,) = (tmp_path / "cache" / "_logs" / "chain").iterdir()
+    assert "no documents left after clean" in json.loads((folder / "error.json").read_text())["message"]
 
 
 def test_sources_over_http_give_identical_outputs(local, corpus, tmp_path):
