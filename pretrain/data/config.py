@@ -94,6 +94,9 @@ class DedupConfig:
     seed: int = 1
     # Within each source and across sources (GPT-3 also deduplicates against curated sets).
     across_sources: bool = True
+    # Documents the exact-key and LSH-band steps group at once (a hash picks each document's
+    # pass): a task holds about 200 bytes per document of a pass. Output does not depend on it.
+    docs_per_pass: int = 1_000_000
 
 
 @dataclass

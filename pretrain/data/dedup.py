@@ -11,6 +11,8 @@ document, written to disk by one task per chunk), candidate pairs per LSH band (
 columns, verified by their estimated Jaccard), and the greedy pass in document order over the
 verified pairs (``select``), which keeps the rule above exactly. A bucket's document is compared
 with at most ``PAIR_CAP`` earlier documents of that bucket, which bounds the pairs of a huge cluster.
+The exact keys and each band are grouped in passes of ``docs_per_pass`` documents (a hash of the
+columns picks a document's pass), so a task's memory is set by configuration, not by the corpus.
 """
 
 from __future__ import annotations
@@ -113,7 +115,12 @@ def band_pairs(rows: np.ndarray, source: np.ndarray, eligible: np.ndarray, cap: 
     """Pairs (i, j), i < j, of eligible documents with equal ``rows`` (one band's signature
     columns) and source key; each document paired with at most ``cap`` earlier ones."""
     idx = np.flatnonzero(eligible)
-    cols = [source[idx]] + [rows[idx, c] for c in range(rows.shape[1])] + [idx]
+    return _pairs_of(idx, rows[idx], source[idx], cap)
+
+
+def _pairs_of(idx: np.ndarray, rows: np.ndarray, source: np.ndarray, cap: int) -> np.ndarray:
+    """band_pairs of documents ``idx`` (increasing), given their rows and source keys."""
+    cols = [source] + [rows[:, c] for c in range(rows.shape[1])] + [idx]
     order, starts = _groups(cols)
     ends = np.r_[starts[1:], len(order)]
     big = ends - starts >= 2
@@ -126,27 +133,100 @@ def band_pairs(rows: np.ndarray, source: np.ndarray, eligible: np.ndarray, cap: 
     return np.array(out, dtype=np.int64).reshape(-1, 2)
 
 
+def _row_hash(source: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each row's source key and columns: equal rows, equal hashes."""
+    h = source.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    for c in range(rows.shape[1]):
+        h = (h ^ rows[:, c].astype(np.uint64)) * np.uint64(0x100000001B3)
+    return h ^ (h >> np.uint64(29))
+
+
+Block = Callable[[int, int], Tuple[np.ndarray, np.ndarray]]  # (a, b) -> (source keys, rows) of documents [a, b)
+
+
+def _passes(block: Block, n: int, skip, per_pass: int):
+    """Documents [0, n) in passes of about ``per_pass``: each pass yields the documents not in
+    ``skip`` (a mask, or None) as (indices, source keys, rows), those of one class of _row_hash,
+    read ``per_pass`` at a time; equal rows fall in the same pass. Memory: a pass's and a block's
+    documents, whatever ``n``."""
+    passes = max(1, -(-n // max(per_pass, 1)))
+    for p in range(passes):
+        idx, src, rows = [], [], []
+        for a in range(0, n, per_pass):
+            b = min(n, a + per_pass)
+            s, r = block(a, b)
+            take = np.ones(b - a, dtype=bool) if skip is None else ~np.asarray(skip[a:b])
+            if passes > 1:
+                take &= _row_hash(s, r) % np.uint64(passes) == np.uint64(p)
+            sel = np.flatnonzero(take)
+            idx.append(sel + a)
+            src.append(s[sel])
+            rows.append(r[sel])
+        if idx:
+            yield np.concatenate(idx), np.concatenate(src), np.concatenate(rows)
+
+
+def verified_pairs_in_passes(block: Block, n: int, skip, per_pass: int, rows_of, threshold: float,
+                             cap: int = PAIR_CAP) -> np.ndarray:
+    """verify(band_pairs(...)) over documents whose source keys and band columns ``block(a, b)``
+    reads, except those in ``skip``, a pass of about ``per_pass`` documents at a time (the same
+    pairs, in another order)."""
+    out = [verify(_pairs_of(idx, rows, src, cap), rows_of, threshold) for idx, src, rows in _passes(block, n, skip, per_pass)]
+    return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
+
+
+def exact_mask_in_passes(block: Block, n: int, cfg: DedupConfig, per_pass: int) -> np.ndarray:
+    """exact_mask over documents whose source keys and exact keys ``block(a, b)`` reads, a pass of
+    about ``per_pass`` documents at a time; holds a byte per document, and a pass."""
+    dup = np.zeros(n, dtype=bool)
+    if cfg.exact:
+        for idx, src, keys in _passes(block, n, None, per_pass):
+            dup[idx] = exact_duplicates(keys, src)  # idx is increasing: document order is kept
+    return dup
+
+
 def verify(pairs: np.ndarray, rows_of: Callable[[np.ndarray], np.ndarray], threshold: float) -> np.ndarray:
     """The pairs whose estimated Jaccard (share of equal signature values) reaches the threshold;
     ``rows_of(idx)`` returns the signatures of documents ``idx``."""
-    if not len(pairs):
-        return pairs
-    a, b = rows_of(pairs[:, 0]), rows_of(pairs[:, 1])
-    return pairs[(a == b).mean(axis=1) >= threshold]
+    keep = np.zeros(len(pairs), dtype=bool)
+    for s in range(0, len(pairs), 1 << 16):  # 2 x 64k signatures at a time
+        a, b = rows_of(pairs[s : s + (1 << 16), 0]), rows_of(pairs[s : s + (1 << 16), 1])
+        keep[s : s + len(a)] = (a == b).mean(axis=1) >= threshold
+    return pairs[keep]
 
 
 def select(exact_dup: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     """Each document's fate (KEEP, EXACT, NEAR), in document order: a document is a near duplicate
     when a verified pair joins it to an earlier document that was kept."""
     fate = np.where(exact_dup, EXACT, KEEP).astype(np.uint8)
+    _greedy(fate, pairs)
+    return fate
+
+
+def select_in_ranges(exact_dup: np.ndarray, pair_sets: Sequence[np.ndarray], per_range: int) -> np.ndarray:
+    """select() over the pairs of several sets (each sorted by its later document: the band tasks'
+    files, memory-mapped), read for ``per_range`` later documents at a time: the pairs of a range
+    are held, not all of them. An earlier document's fate is final before any later one's."""
+    fate = np.where(exact_dup, EXACT, KEEP).astype(np.uint8)
+    for lo in range(0, len(fate), max(per_range, 1)):
+        hi = lo + per_range
+        parts = [np.asarray(p[np.searchsorted(p[:, 1], lo) : np.searchsorted(p[:, 1], hi)]) for p in pair_sets if len(p)]
+        if parts:
+            _greedy(fate, np.concatenate(parts))
+    return fate
+
+
+def by_later(pairs: np.ndarray) -> np.ndarray:
+    """``pairs`` sorted by later document, then earlier (select_in_ranges reads them so)."""
+    return pairs[np.lexsort((pairs[:, 0], pairs[:, 1]))] if len(pairs) else pairs
+
+
+def _greedy(fate: np.ndarray, pairs: np.ndarray) -> None:
     if not len(pairs):
-        return fate
-    pairs = np.unique(pairs, axis=0)
-    pairs = pairs[np.lexsort((pairs[:, 0], pairs[:, 1]))]  # by later document, then earlier
-    for i, j in pairs.tolist():
+        return
+    for i, j in by_later(np.unique(pairs, axis=0)).tolist():
         if fate[j] == KEEP and fate[i] == KEEP:
             fate[j] = NEAR
-    return fate
 
 
 def fates(keys: np.ndarray, sigs: np.ndarray, source: np.ndarray, cfg: DedupConfig) -> np.ndarray:
@@ -157,29 +237,38 @@ def fates(keys: np.ndarray, sigs: np.ndarray, source: np.ndarray, cfg: DedupConf
     return select(exact, np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64))
 
 
-def doc_sources(counts: Sequence[int], chunk_sources: Sequence[int]) -> np.ndarray:
-    """Each document's source key, from its chunk's (``counts[R]`` documents in chunk R)."""
-    return np.repeat(np.asarray(chunk_sources, dtype=np.int64), counts)
+class ChunkArrays:
+    """The signature tasks' per-chunk arrays (``keys-R.npy``, ``sig-R.npy``), memory-mapped, read
+    by global document index."""
 
+    def __init__(self, sig_dir: Path, counts: Sequence[int], chunk_sources: Sequence[int]):
+        self.keys = [np.load(sig_dir / f"keys-{r:05d}.npy", mmap_mode="r") for r in range(len(counts))]
+        self.sigs = [np.load(sig_dir / f"sig-{r:05d}.npy", mmap_mode="r") for r in range(len(counts))]
+        self.starts = np.r_[0, np.cumsum(counts)].astype(np.int64)
+        self.chunk_sources = np.asarray(chunk_sources, dtype=np.int64)
+        self.n = int(self.starts[-1])
 
-def load_keys(sig_dir: Path, chunks: int) -> np.ndarray:
-    """Every document's exact key, in document order, from the signature tasks' ``keys-R.npy``."""
-    return np.concatenate([np.load(sig_dir / f"keys-{r:05d}.npy") for r in range(chunks)])
+    def _range(self, maps: list, a: int, b: int, cols: slice) -> np.ndarray:
+        first, last = (int(x) for x in np.searchsorted(self.starts, [a, max(a, b - 1)], side="right") - 1)
+        parts = [maps[c][max(a, self.starts[c]) - self.starts[c] : min(b, self.starts[c + 1]) - self.starts[c], cols]
+                 for c in range(first, last + 1)]
+        return np.ascontiguousarray(np.concatenate(parts)) if parts else np.zeros((0, maps[0].shape[1]), maps[0].dtype)
 
+    def sources(self, a: int, b: int) -> np.ndarray:
+        return self.chunk_sources[np.searchsorted(self.starts, np.arange(a, b), side="right") - 1]
 
-def load_signatures(sig_dir: Path, counts: Sequence[int], num_perm: int):
-    """The signature tasks' ``sig-R.npy`` memory-mapped (one per chunk R), and ``rows_of(idx)``,
-    the signatures of documents ``idx`` (global indices, in document order)."""
-    maps = [np.load(sig_dir / f"sig-{r:05d}.npy", mmap_mode="r") for r in range(len(counts))]
-    starts = np.r_[0, np.cumsum(counts)]
+    def key_block(self, a: int, b: int):
+        return self.sources(a, b), self._range(self.keys, a, b, slice(None))
 
-    def rows_of(idx: np.ndarray) -> np.ndarray:
+    def band_block(self, band: int, rows: int) -> Block:
+        return lambda a, b: (self.sources(a, b), self._range(self.sigs, a, b, slice(band * rows, (band + 1) * rows)))
+
+    def rows_of(self, idx: np.ndarray) -> np.ndarray:
+        """The signatures of documents ``idx``."""
         if not len(idx):
-            return np.zeros((0, num_perm), np.uint32)
-        chunk = np.searchsorted(starts, idx, side="right") - 1
-        return np.stack([maps[c][i - starts[c]] for c, i in zip(chunk.tolist(), idx.tolist())])
-
-    return maps, rows_of
+            return np.zeros((0, self.sigs[0].shape[1] if self.sigs else 0), np.uint32)
+        chunk = np.searchsorted(self.starts, idx, side="right") - 1
+        return np.stack([self.sigs[c][i - self.starts[c]] for c, i in zip(chunk.tolist(), idx.tolist())])
 
 
 def source_keys(names: Sequence[str], cfg: DedupConfig) -> Dict[str, int]:

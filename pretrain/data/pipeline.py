@@ -61,7 +61,8 @@ def _keys(cfg: DataConfig, eff: Dict[str, StagesConfig]) -> Dict[str, object]:
     quality = cache.make_key(
         "quality-v3", order, clean, {s.name: (s.curated, asdict(eff[s.name].quality)) for s in cfg.sources}
     )
-    dedup = cache.make_key("dedup-v3", quality, asdict(cfg.stages.dedup), {n: e.dedup.enabled for n, e in eff.items()})
+    dedup_cfg = {k: v for k, v in asdict(cfg.stages.dedup).items() if k != "docs_per_pass"}  # output does not depend on it
+    dedup = cache.make_key("dedup-v3", quality, dedup_cfg, {n: e.dedup.enabled for n, e in eff.items()})
     evals = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in cfg.eval_files if os.path.isfile(f)]
     decontam = cache.make_key("decontam-v2", dedup, evals, {n: asdict(e.decontam) for n, e in eff.items()})
     tok = asdict(cfg.tokenizer)

@@ -125,16 +125,15 @@ def dedup_pairs_task(ctx: dict, unit: int, folder: Path, rank: int) -> dict:
     """LSH band ``unit``: verified candidate pairs of documents with equal band columns."""
     import numpy as np
 
-    from pretrain.data.dedup import band_pairs, bands, doc_sources, load_signatures, verify
+    from pretrain.data.dedup import ChunkArrays, bands, by_later, verified_pairs_in_passes
 
     cfg, sig_dir = config(ctx).stages.dedup, Path(ctx["root"]) / ctx["sig_dir"]
-    source = doc_sources(ctx["counts"], ctx["chunk_sources"])
-    maps, rows_of = load_signatures(sig_dir, ctx["counts"], ctx["num_perm"])
-    exact = np.load(sig_dir / "exact.npy")  # the driver's exact_mask
+    arrays = ChunkArrays(sig_dir, ctx["counts"], ctx["chunk_sources"])
+    exact = np.load(sig_dir / "exact.npy", mmap_mode="r")  # the driver's exact mask: skipped
     _, r = bands(cfg)
-    rows = np.concatenate([m[:, unit * r : (unit + 1) * r] for m in maps])
-    pairs = verify(band_pairs(rows, source, ~exact), rows_of, cfg.threshold)
-    save_array(folder / f"pairs-{unit:05d}.npy", pairs)
+    pairs = verified_pairs_in_passes(arrays.band_block(unit, r), arrays.n, exact, cfg.docs_per_pass, arrays.rows_of,
+                                     cfg.threshold)
+    save_array(folder / f"pairs-{unit:05d}.npy", by_later(pairs))
     return {"pairs": len(pairs)}
 
 

@@ -195,7 +195,7 @@ def dedup(run, keys, upstream: Parts) -> Parts:
     document order (here: it holds a byte per document), then the filter (a task per chunk)."""
     import numpy as np
 
-    from pretrain.data.dedup import bands, doc_sources, exact_mask, load_keys, select, source_keys
+    from pretrain.data.dedup import ChunkArrays, bands, exact_mask_in_passes, select_in_ranges, source_keys
 
     targets = [s for s in run.cfg.sources if run.eff[s.name].dedup.enabled]
     if not run.cfg.stages.dedup.enabled or not targets:
@@ -207,13 +207,13 @@ def dedup(run, keys, upstream: Parts) -> Parts:
     sig_dir, sigs = run_tasks(run, "dedup-sig", key, chunks, _context(run), "dedup: signatures", _size(chunks))
     skey = source_keys(order, cfg)
     counts, chunk_sources = [r["docs"] for r in sigs], [skey[c.source] for c in chunks]
-    exact = exact_mask(load_keys(sig_dir, len(chunks)), doc_sources(counts, chunk_sources), cfg)
+    exact = exact_mask_in_passes(ChunkArrays(sig_dir, counts, chunk_sources).key_block, sum(counts), cfg, cfg.docs_per_pass)
     save_array(sig_dir / "exact.npy", exact)  # the band tasks skip these documents
     ctx = _context(run, sig_dir=str(sig_dir.relative_to(run.root)), counts=counts, chunk_sources=chunk_sources,
                    num_perm=cfg.num_perm)
     pairs_dir, _ = run_tasks(run, "dedup-pairs", key, list(range(bands(cfg)[0])), ctx, "dedup: candidate pairs", None)
-    pairs = [np.load(p) for p in sorted(pairs_dir.glob("pairs-*.npy"))]
-    save_array(pairs_dir / "fate.npy", select(exact, np.concatenate(pairs)))
+    pairs = [np.load(p, mmap_mode="r") for p in sorted(pairs_dir.glob("pairs-*.npy"))]
+    save_array(pairs_dir / "fate.npy", select_in_ranges(exact, pairs, cfg.docs_per_pass))
     offsets = np.r_[0, np.cumsum(ctx["counts"])][:-1].tolist()
     ctx = ctx | {"fate": str((pairs_dir / "fate.npy").relative_to(run.root)), "offsets": offsets}
     partial, results = run_tasks(run, "dedup", key, chunks, ctx, "dedup", _size(chunks))

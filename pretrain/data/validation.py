@@ -42,6 +42,7 @@ _RANGES = {
     "dedup.threshold": (0, 1, True),
     "dedup.num_perm": (2, None, False),
     "dedup.shingle_words": (1, None, False),
+    "dedup.docs_per_pass": (1, None, False),
     "decontam.ngram": (1, None, False),
     "decontam.window_chars": (0, None, False),
     "decontam.max_splits": (0, None, False),

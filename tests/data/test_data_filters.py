@@ -7,7 +7,8 @@ import numpy as np
 
 from pretrain.data.config import DecontamConfig, DedupConfig, QualityConfig
 from pretrain.data.decontam import decontaminate, decontaminate_document, ngrams_of
-from pretrain.data.dedup import EXACT, KEEP, NEAR, band_pairs, bands, deduplicate, fates, jaccard, signatures
+from pretrain.data.dedup import (EXACT, KEEP, NEAR, ChunkArrays, band_pairs, bands, by_later, deduplicate, exact_mask_in_passes, fates,
+                                 jaccard, select, select_in_ranges, signatures, verified_pairs_in_passes)
 from pretrain.data.quality import filter_docs, fit_model, load_model, pareto_keep, quality_filter, save_model, uniforms
 
 from data_synth import WORDS, make_doc
@@ -151,6 +152,49 @@ def test_dedup_steps_match_the_rule_over_every_pair():
     assert (want == EXACT).sum() == 12 and 0 < (want == NEAR).sum() < len(texts) - 24, want
 
 
+def _clustered_texts(seed: int) -> list:
+    rng = random.Random(seed)
+    texts = []
+    for c in range(10):
+        base = " ".join(rng.choice(WORDS) + str(rng.randint(0, 999)) for _ in range(200))
+        texts += [base, base.upper()] + [_variant(base, rng.choice([3, 8, 15]), 100 * c + v) for v in range(4)]
+    rng.shuffle(texts)
+    return texts
+
+
+def test_dedup_in_passes_over_chunk_files_equals_in_memory(tmp_path):
+    """The stage's path: per-chunk key and signature files, exact keys and each band grouped in
+    passes of docs_per_pass documents (one pass, several, one document each), then the greedy
+    pass; the fates are those of the in-memory steps, within and across two sources."""
+    texts = _clustered_texts(11)
+    cfg = DedupConfig()
+    keys, sigs = signatures(texts, cfg)
+    cuts = [0, 7, 8, 30, 31, len(texts)]  # chunks of every size, one of a single document
+    counts = [b - a for a, b in zip(cuts, cuts[1:])]
+    chunk_sources = [0, 0, 1, 1, 1]
+    for r, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        np.save(tmp_path / f"keys-{r:05d}.npy", keys[a:b])
+        np.save(tmp_path / f"sig-{r:05d}.npy", sigs[a:b])
+    removed = {}
+    for across in (True, False):
+        cfg = DedupConfig(across_sources=across)
+        source = np.repeat([0, 0, 1, 1, 1] if not across else [0] * 5, counts).astype(np.int64)
+        want = fates(keys, sigs, source, cfg)
+        arrays = ChunkArrays(tmp_path, counts, chunk_sources if not across else [0] * 5)
+        nb, r = bands(cfg)
+        for per_pass in (1000, 7, 1):
+            exact = exact_mask_in_passes(arrays.key_block, arrays.n, cfg, per_pass)
+            pairs = [verified_pairs_in_passes(arrays.band_block(k, r), arrays.n, exact, per_pass, arrays.rows_of, cfg.threshold)
+                     for k in range(nb)]
+            assert (select(exact, np.concatenate(pairs)) == want).all(), (across, per_pass)
+            sorted_pairs = [by_later(p) for p in pairs]
+            for per_range in (1000, 5, 1):  # the greedy pass a range of later documents at a time
+                assert (select_in_ranges(exact, sorted_pairs, per_range) == want).all(), (across, per_pass, per_range)
+        removed[across] = ((want == EXACT).sum(), (want == NEAR).sum())
+    assert removed[True][0] >= 10 and removed[True][1] >= 4, removed
+    assert sum(removed[False]) < sum(removed[True]), removed  # the source keys kept sources apart
+
+
 def test_chains_keep_what_is_not_like_a_kept_document():
     """A ~ B and B ~ C but A !~ C: B goes and C stays (greedy against kept documents, not clusters)."""
     s = np.zeros((3, 128), dtype=np.uint32)
@@ -158,6 +202,9 @@ def test_chains_keep_what_is_not_like_a_kept_document():
     s[2, :40] = 1
     keys = np.arange(6, dtype=np.uint64).reshape(3, 2)
     assert fates(keys, s, np.zeros(3, dtype=np.int64), DedupConfig()).tolist() == [KEEP, NEAR, KEEP]
+    # Read a document at a time, the greedy pass must still settle A and B before C.
+    pairs = [by_later(np.array([[0, 1], [1, 2]]))]
+    assert select_in_ranges(np.zeros(3, dtype=bool), pairs, 1).tolist() == [KEEP, NEAR, KEEP]
 
 
 def test_pairs_per_bucket_are_capped():
