@@ -184,8 +184,12 @@ def fingerprint(src: SourceConfig, root: str | None = None) -> list:
     """What identifies a source's input for the cache: each file's path (or URL), size, and mtime
     (a remote file: a hash of its metadata)."""
     _, files = source_files(src, root)
-    return [(str(f), f.size, f.version) if isinstance(f, remote.RemoteFile) else (str(f), f.stat().st_size, f.stat().st_mtime_ns)
-            for f in files]
+    return [(str(f), file_size(f), f.version if isinstance(f, remote.RemoteFile) else f.stat().st_mtime_ns) for f in files]
+
+
+def file_size(f) -> int:
+    """A listed file's size in bytes (a remote file's from its listing)."""
+    return f.size if isinstance(f, remote.RemoteFile) else f.stat().st_size
 
 
 def _read_text(path: Path, bad: BadRecords, tolerance: float) -> Iterator[str]:

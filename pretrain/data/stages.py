@@ -92,12 +92,12 @@ def _file_runs(run, index: int, src) -> List[List[int]]:
     """A source's files cut into runs of about a chunk's bytes, as [index, first, end] units for the
     clean-files tasks; none (one task reads and cleans the source) for one run, for built-in corpora
     and datasets folders, and under max_docs (it stops the read at a document, not a file)."""
-    from pretrain.data.sources import fingerprint, source_files
+    from pretrain.data.sources import file_size, source_files
 
-    fmt, _ = source_files(src, run.cfg.root, f"data.sources[{index}]")
+    fmt, files = source_files(src, run.cfg.root, f"data.sources[{index}]")
     if fmt not in ("jsonl", "text", "parquet") or src.max_docs is not None:
         return []
-    sizes = [size for _, size, _ in fingerprint(src, run.cfg.root)]
+    sizes = [file_size(f) for f in files]
     target, runs, first, acc = run.task_bytes(sum(sizes)), [], 0, 0
     for k, size in enumerate(sizes):
         acc += size
