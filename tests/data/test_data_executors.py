@@ -123,6 +123,21 @@ def test_an_error_in_a_slurm_chain_step_reaches_the_caller(slurm, corpus, tmp_pa
     assert "no documents left after clean" in json.loads((folder / "error.json").read_text())["message"]
 
 
+def test_a_live_job_is_seen_beside_one_slurm_has_forgotten(slurm, monkeypatch):
+    """The caller asks whether the chain's last jobs are queued; a job Slurm has already forgotten
+    (past MinJobAge) must not hide a live one beside it."""
+    from pretrain.data import slurm_jobs
+
+    monkeypatch.setenv("SLURM_CONF", slurm["SLURM_CONF"])
+    live = subprocess.run(["sbatch", "--parsable", "--wrap", "sleep 60"], env=slurm, capture_output=True,
+                          text=True, check=True).stdout.strip().split(";")[0]
+    try:
+        assert slurm_jobs.queued(["99999999", live]) and slurm_jobs.queued([live, "99999999"])
+        assert not slurm_jobs.queued(["99999999"])
+    finally:
+        subprocess.run(["scancel", live], env=slurm, check=False)
+
+
 def test_sources_over_http_give_identical_outputs(local, corpus, tmp_path):
     """The same files read through fsspec (an HTTP server on loopback), in the worker processes."""
     with http_server(corpus[0]) as url:
