@@ -82,12 +82,16 @@ def _corpus(work: Path, nbytes: int, seed: int) -> tuple:
     return out, key.eval_paths(out), key.bytes
 
 
-def run_once(corpus: Path, evals: List[str], cache_dir: Path, workers: int, vocab: int) -> Dict:
+def run_once(corpus: Path, evals: List[str], cache_dir: Path, workers: int, vocab: int, overrides: List[str] = ()) -> Dict:
     cfg = {
         "name": "bench", "cache_dir": str(cache_dir), "progress": False, "num_workers": workers,
         "sources": [{"name": "synth", "path": str(corpus / "part-*.jsonl"), "curated": True}],
         "eval_files": evals, "tokenizer": {"vocab_size": vocab}, "split": "98,1,1",
     }
+    if overrides:  # data config keys, e.g. stages.clean.spans_in_memory=100000
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides))))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-c", JOB, json.dumps(cfg)], env=env,
@@ -108,6 +112,9 @@ def run_once(corpus: Path, evals: List[str], cache_dir: Path, workers: int, voca
         found = [s for s in (read_stage_stats(f) for f in folders) if s]
         if found:
             stages[stage] = {"seconds": sum(s["seconds"] for s in found), "bytes_in": sum(s["bytes_in"] for s in found)}
+            if stage == "clean":  # the span pass's record: its size, and the runs it wrote to disk
+                stages[stage]["span_record"] = {k: sum(s.get("span_record", {}).get(k, 0) for s in found)
+                                                for k in ("spans", "runs_written")}
     return {"wall_s": wall, "peak_rss": sampler.peak_rss, "peak_pss": sampler.peak_pss, "stages": stages}
 
 
@@ -121,6 +128,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=None, help="keeps the generated corpora (default: a temporary folder)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="data config overrides (dot keys)")
     ap.add_argument("--smoke", action="store_true", help="1 MB and 2 MB, vocabulary 512: that the benchmark runs")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -132,7 +140,7 @@ def main(argv=None) -> None:
     try:
         for n in sorted(args.bytes):
             corpus, evals, size = _corpus(work, n, args.seed)
-            r = run_once(corpus, evals, Path(tmp) / f"cache-{n}", args.workers, args.vocab)
+            r = run_once(corpus, evals, Path(tmp) / f"cache-{n}", args.workers, args.vocab, args.set)
             r["corpus_bytes"] = size
             results[n] = r
     finally:
@@ -154,6 +162,10 @@ def _print(results: Dict, cores: int, workers: int) -> None:
         for stage, s in r["stages"].items():
             rate = s["bytes_in"] / 1e6 / max(s["seconds"], 1e-9) / cores
             print(f"  {stage:<10} {s['seconds']:8.1f}s" + (f"  {rate:8.3f} MB/s per core" if s["bytes_in"] else ""))
+            if s.get("span_record", {}).get("spans"):
+                rec = s["span_record"]
+                print(f"  {'':<10} span record {rec['spans']:,} spans ({8 * rec['spans'] / 2**20:,.1f} MiB), "
+                      f"{rec['runs_written']} runs written to disk")
 
 
 if __name__ == "__main__":

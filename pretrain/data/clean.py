@@ -14,9 +14,12 @@ C4 (Raffel et al. 2020) rules, as applied here:
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import shutil
 import unicodedata
 from collections import Counter
+from pathlib import Path
 from typing import Iterable, List, Optional, Set, Tuple
 
 import numpy as np
@@ -49,25 +52,30 @@ def _span_hashes(sentences: List[str]) -> List[int]:
 class SpanSet:
     """The spans a source has recorded (64-bit hashes), 8 bytes each: a sorted array and a small set
     of the latest, merged into the array when it holds ``buffer`` (a Python set of them costs about
-    80 bytes a span, which at corpus scale is gigabytes)."""
+    80 bytes a span, which at corpus scale is gigabytes).
 
-    def __init__(self, buffer: int = 1 << 18):
+    With ``spill`` (a folder to create) and ``in_memory``, the array never holds more than about
+    ``in_memory`` spans: beyond, it is written to ``spill`` as a sorted run and looked up
+    memory-mapped. Runs of similar size are merged (a block at a time), so a record of N spans is
+    O(log(N / in_memory)) runs. The answers do not depend on either setting. ``close()`` (or
+    leaving a ``with`` block) removes the folder."""
+
+    def __init__(self, buffer: int = 1 << 18, in_memory: Optional[int] = None, spill: Optional[Path] = None):
         self._sorted = np.zeros(0, dtype=np.uint64)
         self._recent: Set[int] = set()
-        self._buffer = buffer
+        self._limit = in_memory if spill is not None else None
+        self._buffer = buffer if self._limit is None else max(1, min(buffer, self._limit // 4))
+        self._spill, self._runs, self._written = spill, [], 0
 
     def __contains__(self, v: int) -> bool:
-        if v in self._recent:
-            return True
-        i = int(np.searchsorted(self._sorted, np.uint64(v)))
-        return i < len(self._sorted) and int(self._sorted[i]) == v
+        return v in self._recent or bool(self.isin(np.array([v], dtype=np.uint64))[0])
 
     def isin(self, values: np.ndarray) -> np.ndarray:
         """``v in self`` for each of ``values`` (uint64), at once."""
         hit = np.zeros(len(values), dtype=bool)
-        if len(self._sorted):
-            at = np.minimum(np.searchsorted(self._sorted, values), len(self._sorted) - 1)
-            hit = self._sorted[at] == values
+        for record in (self._sorted, *self._runs):
+            if len(record):
+                hit |= record[np.minimum(np.searchsorted(record, values), len(record) - 1)] == values
         if self._recent:
             hit |= np.fromiter((v in self._recent for v in values.tolist()), dtype=bool, count=len(values))
         return hit
@@ -79,9 +87,62 @@ class SpanSet:
             new.sort()
             self._sorted = np.insert(self._sorted, np.searchsorted(self._sorted, new), new)
             self._recent.clear()
+            if self._limit is not None and len(self._sorted) >= self._limit:
+                self._spill_sorted()
+
+    def _spill_sorted(self) -> None:
+        self._spill.mkdir(parents=True, exist_ok=True)
+        self._runs.append(self._save(lambda f: f.write(self._sorted.tobytes())))
+        self._sorted = np.zeros(0, dtype=np.uint64)
+        while len(self._runs) >= 2 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
+            a, b = self._runs[-2], self._runs[-1]
+            merged = self._save(lambda f: _merge_sorted(a, b, f, self._buffer))
+            for run in (a, b):
+                os.unlink(run.filename)
+            self._runs[-2:] = [merged]
+
+    def _save(self, write) -> np.ndarray:
+        path = self._spill / f"run-{self._written:05d}.u64"
+        self._written += 1
+        with open(path, "wb") as f:
+            write(f)
+        return np.memmap(path, dtype=np.uint64, mode="r")
+
+    @property
+    def runs_written(self) -> int:
+        """Sorted runs written to disk so far (merges included)."""
+        return self._written
+
+    def close(self) -> None:
+        self._runs = []
+        if self._spill is not None:
+            shutil.rmtree(self._spill, ignore_errors=True)
+
+    def __enter__(self) -> "SpanSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __len__(self) -> int:
-        return len(self._sorted) + len(self._recent)
+        return len(self._sorted) + len(self._recent) + sum(len(r) for r in self._runs)
+
+
+def _merge_sorted(a: np.ndarray, b: np.ndarray, out, block: int) -> None:
+    """Write sorted ``a`` and ``b`` (memory-mapped) to ``out`` as one sorted run, holding about
+    ``2 * block`` values at a time: each step takes both arrays' values up to the smaller of their
+    next ``block``-th values."""
+    i = j = 0
+    while i < len(a) and j < len(b):
+        pivot = min(a[min(i + block, len(a)) - 1], b[min(j + block, len(b)) - 1])
+        ia, jb = int(np.searchsorted(a, pivot, "right")), int(np.searchsorted(b, pivot, "right"))
+        step = np.concatenate([a[i:ia], b[j:jb]])
+        step.sort()
+        out.write(step.tobytes())
+        i, j = ia, jb
+    for rest, k in ((a, i), (b, j)):
+        for at in range(k, len(rest), block):
+            out.write(np.asarray(rest[at : at + block]).tobytes())
 
 
 # A line that can hold a three-sentence span: (its index, its stripped length, its spans' hashes).

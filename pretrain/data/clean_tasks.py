@@ -89,7 +89,7 @@ def clean_files_task(ctx: dict, unit: list, folder: Path, rank: int) -> dict:
 def clean_task(ctx: dict, unit: int, folder: Path, rank: int) -> dict:
     """Read + clean of source ``unit``: in this task, or the span pass over its ``clean-files`` runs
     (``ctx["pre"][name]``: their folder, ranks and results)."""
-    from pretrain.data.clean import SpanSet, clean_document
+    from pretrain.data.clean import clean_document
     from pretrain.data.records import BadRecords
     from pretrain.data.sources import read_source
     from pretrain.data.validation import effective_stages
@@ -102,9 +102,9 @@ def clean_task(ctx: dict, unit: int, folder: Path, rank: int) -> dict:
     key = f"data.sources[{unit}]"
     bad = BadRecords(src, key)
     raw = Counted(read_source(src, cfg.root, key=key, bad=bad, max_invalid_utf8_fraction=c.max_invalid_utf8_fraction))
-    why, seen = Counter(), SpanSet()  # C4's repeated-span rule looks back over the whole source
+    why = Counter()
 
-    def cleaned() -> Iterator:
+    def cleaned(seen) -> Iterator:
         for doc_id, text in raw:
             if not c.enabled:
                 yield doc_id, text
@@ -114,18 +114,32 @@ def clean_task(ctx: dict, unit: int, folder: Path, rank: int) -> dict:
             if out is not None:
                 yield doc_id, out
 
-    n, nbytes = write_part(folder / src.name / PART.format(0), cleaned())
+    with span_record(c, folder / src.name) as seen:  # C4's repeated-span rule looks back over the whole source
+        n, nbytes = write_part(folder / src.name / PART.format(0), cleaned(seen))
+        record = span_record_stats(seen)
     return {"source": src.name, "stats": {**stage_counts(raw.n, raw.nbytes, n, nbytes, sorted_counts(why)), **bad.summary()},
-            "progress": {"docs": raw.n, "bytes": raw.nbytes}}
+            "span_record": record, "progress": {"docs": raw.n, "bytes": raw.nbytes}}
+
+
+def span_record(c, folder: Path):
+    """A source's span record: ``c.spans_in_memory`` spans in memory, the rest in sorted runs in a
+    temporary folder of the task's (removed at the end; a killed task's goes at publish)."""
+    from pretrain.data.clean import SpanSet
+
+    return SpanSet(in_memory=c.spans_in_memory, spill=folder / f".spans.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def span_record_stats(seen) -> dict:
+    return {"spans": len(seen), "runs_written": seen.runs_written}
 
 
 def _span_pass(ctx: dict, name: str, c, folder: Path) -> dict:
-    from pretrain.data.clean import SpanSet, after_spans, repeated_lines, without_lines
+    from pretrain.data.clean import after_spans, repeated_lines, without_lines
 
     pre, root = ctx["pre"][name], Path(ctx["root"])
-    why, seen = Counter(), SpanSet()
+    why = Counter()
 
-    def docs() -> Iterator:
+    def docs(seen) -> Iterator:
         offset = 0
         for rank, res in zip(pre["ranks"], pre["results"]):
             base = root / pre["dir"] / PRE.format(rank)
@@ -154,14 +168,16 @@ def _span_pass(ctx: dict, name: str, c, folder: Path) -> dict:
                         yield doc_id, json.dumps(text, ensure_ascii=False), len(text.encode("utf-8"))
             offset += res["records"]
 
-    n, nbytes = write_encoded_part(folder / name / PART.format(0), docs())
+    with span_record(c, folder / name) as seen:
+        n, nbytes = write_encoded_part(folder / name / PART.format(0), docs(seen))
+        record = span_record_stats(seen)
     results = pre["results"]
     for res in results:
         why.update(res["why"])
     records, raw_bytes = sum(r["records"] for r in results), sum(r["bytes"] for r in results)
     return {"source": name, "stats": {**stage_counts(records, raw_bytes, n, nbytes, sorted_counts(why)),
                                       **merged_bad_records([r["bad"] for r in results])},
-            "progress": {"docs": 0, "bytes": 0}}
+            "span_record": record, "progress": {"docs": 0, "bytes": 0}}
 
 
 def sorted_counts(counts: Counter) -> dict:

@@ -62,6 +62,9 @@ class CleanConfig:
     # Documents whose text has more than this fraction of U+FFFD replacement characters
     # (invalid UTF-8) are dropped; below it the bad bytes stay replaced.
     max_invalid_utf8_fraction: float = 0.001
+    # The span record a source's span pass holds in memory (8 bytes a span); beyond, sorted runs
+    # on disk in the task's folder, looked up memory-mapped. Output does not depend on it.
+    spans_in_memory: int = 1 << 24
 
 
 @dataclass

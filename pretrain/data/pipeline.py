@@ -56,7 +56,8 @@ def _keys(cfg: DataConfig, eff: Dict[str, StagesConfig]) -> Dict[str, object]:
     for s in cfg.sources:
         # on_bad_record decides what the read keeps (drop) or whether it finishes at all (error).
         ident = {k: getattr(s, k) for k in ("path", "format", "text_field", "max_docs", "on_bad_record")}
-        clean[s.name] = cache.make_key("clean-v3", ident, fingerprint(s, cfg.root), asdict(eff[s.name].clean))
+        rules = {k: v for k, v in asdict(eff[s.name].clean).items() if k != "spans_in_memory"}  # output does not depend on it
+        clean[s.name] = cache.make_key("clean-v3", ident, fingerprint(s, cfg.root), rules)
     order = [s.name for s in cfg.sources]
     quality = cache.make_key(
         "quality-v3", order, clean, {s.name: (s.curated, asdict(eff[s.name].quality)) for s in cfg.sources}

@@ -142,7 +142,8 @@ def clean(run, keys) -> Parts:
             final = cache.stage_dir(run.root, "clean", keys["clean"][s.name])
             sub = partial / s.name
             # A split source's seconds: its span pass, and the file runs' wall time (shared by every split source).
-            write_stage_stats(sub, "clean", {s.name: res["stats"]}, res["seconds"] + (pre_wall if s.name in pre else 0.0))
+            write_stage_stats(sub, "clean", {s.name: res["stats"]}, res["seconds"] + (pre_wall if s.name in pre else 0.0),
+                              span_record=res.get("span_record", {}))
             rel = [str((final / p.name).relative_to(run.root)) for p in sorted(sub.glob("part-*.jsonl"))]
             publish(sub, final, {"docs": {s.name: rel}, "stats": res["stats"]})
         shutil.rmtree(partial, ignore_errors=True)

@@ -33,6 +33,7 @@ _RANGES = {
     "clean.min_words_per_line": (0, None, False),
     "clean.min_sentences": (0, None, False),
     "clean.max_invalid_utf8_fraction": (0, 1, False),
+    "clean.spans_in_memory": (1, None, False),
     "quality.alpha": (0, None, True),
     "quality.n_features": (1, None, False),
     "quality.ngram_max": (1, None, False),

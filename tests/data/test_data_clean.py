@@ -1,6 +1,7 @@
 import random
 
 import numpy as np
+import pytest
 
 from pretrain.data.clean import SpanSet, clean_document, clean_documents
 from pretrain.data.config import CleanConfig
@@ -90,6 +91,44 @@ def test_span_set_answers_like_a_set_across_merges():
         reference.update(new)
     assert len(spans) == len(reference) > 64 * 10
     assert all(h in spans for h in reference) and not any(h in spans for h in set(pool) - reference)
+
+
+@pytest.mark.parametrize("in_memory", [1, 7, 100])
+def test_a_spilled_span_set_answers_like_a_set(tmp_path, in_memory):
+    """Beyond ``in_memory`` spans the record is sorted runs on disk, merged when of similar size:
+    still a set's answers, a logarithmic number of runs, and no files left after close."""
+    rng = random.Random(in_memory)
+    spill = tmp_path / "spans"
+    reference = set()
+    pool = [rng.getrandbits(64) for _ in range(4000)]
+    with SpanSet(buffer=64, in_memory=in_memory, spill=spill) as spans:
+        for step in range(300):
+            batch = rng.sample(pool, 20)
+            assert spans.isin(np.array(batch, dtype=np.uint64)).tolist() == [h in reference for h in batch], step
+            assert [h in spans for h in batch[:3]] == [h in reference for h in batch[:3]], step
+            new = [h for h in batch if h not in reference]
+            spans.update(new)
+            reference.update(new)
+            assert len(spans) == len(reference)
+            assert len(spans._sorted) < max(in_memory, 2)  # never more than in_memory held in the array
+        assert spans.runs_written > len(reference) // max(in_memory, 16) // 2  # the record went to disk ...
+        assert 1 <= len(list(spill.iterdir())) <= 2 + 2 * int(np.log2(len(reference))), sorted(spill.iterdir())  # ... merged
+        every = np.array(sorted(set(pool)), dtype=np.uint64)
+        assert spans.isin(every).tolist() == [int(h) in reference for h in every]
+    assert not spill.exists()
+
+
+def test_merged_runs_are_one_sorted_run():
+    import io
+
+    from pretrain.data.clean import _merge_sorted
+
+    rng = np.random.default_rng(0)
+    for na, nb, block in ((1000, 3, 7), (5, 900, 16), (500, 500, 1), (0, 10, 4), (333, 777, 1000)):
+        a, b = np.sort(rng.integers(0, 2**63, na, dtype=np.uint64)), np.sort(rng.integers(0, 2**63, nb, dtype=np.uint64))
+        out = io.BytesIO()
+        _merge_sorted(a, b, out, block)
+        assert np.array_equal(np.frombuffer(out.getvalue(), dtype=np.uint64), np.sort(np.concatenate([a, b])))
 
 
 def test_cleaning_with_the_span_set_equals_cleaning_with_a_set():

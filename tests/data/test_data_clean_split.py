@@ -86,6 +86,22 @@ def _cfg(cache: Path, sources: list, **source_extra) -> dict:
     }
 
 
+SPILL = {"overrides": {"clean": {"spans_in_memory": 50}}}  # the span record goes to disk past 50 spans
+
+
+def _with(sources: list, names: set, extra: dict) -> list:
+    return [{**s, **extra} if s["name"] in names else s for s in sources]
+
+
+def _span_runs(cache: Path) -> dict:
+    """Each source's span-record runs written to disk, from its clean stats."""
+    out = {}
+    for stats in (cache / "clean").glob("*/stats.json"):
+        s = json.loads(stats.read_text())
+        out[next(iter(s["sources"]))] = s["span_record"]["runs_written"]
+    return out
+
+
 def _clean_outputs(cache: Path) -> dict:
     out = {}
     for manifest in sorted((cache / "clean").glob("*/manifest.json")):
@@ -99,9 +115,10 @@ def _clean_outputs(cache: Path) -> dict:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("split")
     sources = _corpus(root)
-    split = prepare_data(_cfg(root / "split", sources), console=QUIET)
+    # Each source is compared with its record spilled in one run and held in memory in the other.
+    split = prepare_data(_cfg(root / "split", _with(sources, {"web", "books"}, SPILL)), console=QUIET)
     # max_docs (above every source's count) keeps each source in one task: the reference.
-    whole = prepare_data(_cfg(root / "whole", sources, max_docs=10**6), console=QUIET)
+    whole = prepare_data(_cfg(root / "whole", _with(sources, {"tables"}, SPILL), max_docs=10**6), console=QUIET)
     return root, split, whole
 
 
@@ -125,6 +142,11 @@ def test_split_read_and_clean_equals_one_task_per_source(runs):
     assert web["bad_records"] == 2 and web["bad_record_kinds"] == {"empty_text": 1, "invalid_json": 1}
     assert got["books"][1]["reasons"]["lines_repeated_span"] > 200 and got["tables"][1]["reasons"]["lines_repeated_span"] > 100
     assert not list((root / "split" / "clean-files").glob("*")), "the runs' intermediate files are removed"
+    # The spilled records went to disk (and their folders went after): split and one-task paths.
+    spilled, held = _span_runs(root / "split"), _span_runs(root / "whole")
+    assert spilled["web"] > 5 and spilled["books"] > 5 and held["tables"] > 5, (spilled, held)
+    assert spilled["tables"] == held["web"] == held["books"] == 0, (spilled, held)
+    assert not [p for p in root.rglob(".spans.tmp-*")]
 
 
 def test_a_bad_record_in_a_later_run_is_named_as_before(runs, tmp_path):
