@@ -74,12 +74,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def http_server(directory: Path):
-    """Serve ``directory`` over HTTP on loopback (Python's http.server, with folder listings);
-    yields its base URL."""
+def http_server(directory: Path, ranges: bool = False):
+    """Serve ``directory`` over HTTP on loopback (Python's http.server, with folder listings; with
+    ``ranges``, byte ranges too: tests/range_http.py); yields its base URL."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
-                             str(directory)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    serve = [str(Path(__file__).parent / "range_http.py"), str(port), str(directory)] if ranges else \
+        ["-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(directory)]
+    proc = subprocess.Popen([sys.executable, *serve], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 30
         while True:

@@ -1,10 +1,11 @@
-"""Read + clean's tasks: a source in one task, or (a source of several files) in two steps.
+"""Read + clean's tasks: a source in one task, or (a source of several files, or of a large one) in two steps.
 
 C4's repeated-span rule looks back over everything a source has kept so far, and a document's id
 is its index among the source's records; both are sequential. Everything else looks at one
-document, so a source of several files is cleaned in two steps:
+document, so a source of several files, or of a file larger than a chunk, is cleaned in two steps:
 
-- ``clean-files``, a task per run of files (``stages.clean`` cuts them): reads the records, applies
+- ``clean-files``, a task per run of files or per part of a large file (``stages._file_runs``
+  cuts them; ``file_parts.py``): reads the records, applies
   every rule up to the span pass (``clean.before_spans``), collapses blank lines and hashes the
   spans of each line that can hold one. It writes ``pre-NNNNN.jsonl``, a line per record that
   reached the span pass: a JSON header (its index in the run ``i``, its text's UTF-8 bytes ``n``;
@@ -35,19 +36,25 @@ PRE = "pre-{:05d}"
 
 
 def clean_files_task(ctx: dict, unit: list, folder: Path, rank: int) -> dict:
-    """The rules up to the span pass, over files [first, end) of source ``index`` (unit)."""
+    """The rules up to the span pass, over files [first, end) of source ``index``, or over part
+    [start, end) of its file ``first`` (unit: [index, first, end] or [index, first, first + 1, start, end])."""
     from pretrain.data.clean import after_spans, before_spans, collapse_blank_lines, spanned_lines
     from pretrain.data.records import BadRecords
-    from pretrain.data.sources import read_files, source_files
+    from pretrain.data.sources import read_files, read_part, source_files
     from pretrain.data.validation import effective_stages
 
     cfg = config(ctx)
-    index, first, end = unit
+    index, first, end, *cut = unit
     src, key = cfg.sources[index], f"data.sources[{index}]"
     c = effective_stages(cfg, src).clean
     fmt, files = source_files(src, cfg.root, key)
-    bad, why = BadRecords(src, key), Counter()
-    records = Counted((k, t) for k, t in enumerate(read_files(src, fmt, files[first:end], bad, c.max_invalid_utf8_fraction)))
+    why, part = Counter(), None
+    if cut:
+        bad, texts, part = read_part(src, fmt, files[first], key, c.max_invalid_utf8_fraction, *cut)
+    else:
+        bad = BadRecords(src, key)
+        texts = read_files(src, fmt, files[first:end], bad, c.max_invalid_utf8_fraction)
+    records = Counted(enumerate(texts))
     base = folder / src.name / PRE.format(rank)
     base.parent.mkdir(parents=True, exist_ok=True)
     tmp = base.with_name(f".{base.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -83,7 +90,7 @@ def clean_files_task(ctx: dict, unit: list, folder: Path, rank: int) -> dict:
     os.replace(f"{tmp}.bin", f"{base}.bin")
     os.replace(f"{tmp}.jsonl", f"{base}.jsonl")
     return {"source": src.name, "records": records.n, "bytes": records.nbytes, "why": dict(why), "bad": bad.summary(),
-            "progress": {"docs": records.n, "bytes": records.nbytes}}
+            "lines": part.lines if part else None, "progress": {"docs": records.n, "bytes": records.nbytes}}
 
 
 def clean_task(ctx: dict, unit: int, folder: Path, rank: int) -> dict:
@@ -176,7 +183,7 @@ def _span_pass(ctx: dict, name: str, c, folder: Path) -> dict:
         why.update(res["why"])
     records, raw_bytes = sum(r["records"] for r in results), sum(r["bytes"] for r in results)
     return {"source": name, "stats": {**stage_counts(records, raw_bytes, n, nbytes, sorted_counts(why)),
-                                      **merged_bad_records([r["bad"] for r in results])},
+                                      **merged_bad_records(results)},
             "span_record": record, "progress": {"docs": 0, "bytes": 0}}
 
 
@@ -185,10 +192,16 @@ def sorted_counts(counts: Counter) -> dict:
     return dict(sorted(counts.items()))
 
 
-def merged_bad_records(summaries: List[dict]) -> dict:
-    """One source's BadRecords.summary() from its runs' (in order)."""
-    kinds: Counter = Counter()
-    for s in summaries:
+def merged_bad_records(results: List[dict]) -> dict:
+    """One source's BadRecords.summary() from its runs' results (in order): a JSONL part's dropped
+    records are placed after the lines of the same file's earlier parts."""
+    from pretrain.data.records import example
+
+    kinds, examples, lines_before = Counter(), [], Counter()
+    for r in results:
+        s = r["bad"]
         kinds.update(s["bad_record_kinds"])
-    return {"bad_records": sum(s["bad_records"] for s in summaries), "bad_record_kinds": dict(sorted(kinds.items())),
-            "bad_record_examples": [e for s in summaries for e in s["bad_record_examples"]][:10]}
+        examples += s["bad_record_examples"] + [example(*e, lines_before[r["file"]]) for e in s.get("bad_record_lines", [])]
+        lines_before[r["file"]] += r.get("lines") or 0
+    return {"bad_records": sum(r["bad"]["bad_records"] for r in results), "bad_record_kinds": dict(sorted(kinds.items())),
+            "bad_record_examples": examples[:10]}

@@ -33,34 +33,54 @@ def source_key(src: SourceConfig, key: Optional[str]) -> str:
 class BadRecords:
     """The bad records of one source: refused (policy ``error``) or counted and logged (``drop``)."""
 
-    def __init__(self, src: SourceConfig, key: Optional[str] = None):
+    def __init__(self, src: SourceConfig, key: Optional[str] = None, part=None):
+        """``part``: the records are a JSONL part's (file_parts.JsonlPart), lines numbered from its
+        start: an error counts the lines before it to name the file's line, and summary() leaves
+        the dropped records' lines relative (``bad_record_lines``) for the span pass to place."""
         self.name, self.key, self.policy = src.name, source_key(src, key), src.on_bad_record
         if self.policy not in BAD_RECORD_POLICIES:
             raise DataConfigError(f"{self.key}.on_bad_record={self.policy!r}: choose one of {'|'.join(BAD_RECORD_POLICIES)}")
         self.counts: Counter = Counter()
-        self.examples: List[str] = []
+        self.part = part
+        self._examples: List[list] = []  # [file, line, unit, kind]
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
     def add(self, file: Path, line: int, kind: str, what: str, unit: str = "line") -> None:
-        where = f"{file} {unit} {line}" if line else str(file)
+        where = where_in(file, line, unit)
         if self.policy == "error":
+            if self.part is not None and line:
+                where = where_in(file, line + self.part.lines_before(), unit)
             raise DataConfigError(
                 f"{self.key} (source {self.name!r}): {where}: {what}. Fix or remove that record, or set "
                 f"{self.key}.on_bad_record=drop to skip bad records (each is counted and logged)"
             )
+        if self.part is not None and line:
+            where += f" of the part from byte {self.part.start}"
         self.counts[kind] += 1
-        if len(self.examples) < 10:
-            self.examples.append(f"{where}: {kind}")
+        if len(self._examples) < 10:
+            self._examples.append([str(file), line, unit, kind])
         if self.total <= LOGGED_BAD_RECORDS:
             log.warning("%s (source %r): dropped %s: %s", self.key, self.name, where, what)
         elif self.total == LOGGED_BAD_RECORDS + 1:
             log.warning("%s (source %r): more bad records; they are counted, not logged", self.key, self.name)
 
     def summary(self) -> dict:
-        return {"bad_records": self.total, "bad_record_kinds": dict(sorted(self.counts.items())), "bad_record_examples": self.examples}
+        out = {"bad_records": self.total, "bad_record_kinds": dict(sorted(self.counts.items()))}
+        if self.part is not None:
+            return {**out, "bad_record_examples": [], "bad_record_lines": self._examples}
+        return {**out, "bad_record_examples": [example(*e) for e in self._examples]}
+
+
+def where_in(file, line: int, unit: str = "line") -> str:
+    return f"{file} {unit} {line}" if line else str(file)
+
+
+def example(file, line: int, unit: str, kind: str, lines_before: int = 0) -> str:
+    """A bad record as the stats list it: where, and its kind."""
+    return f"{where_in(file, line + lines_before if line else 0, unit)}: {kind}"
 
 
 def decode(raw: bytes, tolerance: float):

@@ -208,9 +208,11 @@ def _read_text(path: Path, bad: BadRecords, tolerance: float) -> Iterator[str]:
     yield text
 
 
-def _read_jsonl(path: Path, field: str, bad: BadRecords, tolerance: float) -> Iterator[str]:
+def _read_jsonl(path: Path, field: str, bad: BadRecords, tolerance: float, part=None) -> Iterator[str]:
+    """``part`` (file_parts.JsonlPart): only its lines, numbered from its start."""
     seen, lines = False, _Lines(path, bad)
-    with contextlib.closing(compressed.read_lines(path)) as f:
+    first = part is None or part.start == 0  # its line 1 is the file's
+    with contextlib.closing(compressed.read_lines(path) if part is None else iter(part)) as f:
         for lineno, raw in lines.numbered(f):
             if not raw.strip():
                 continue
@@ -220,7 +222,7 @@ def _read_jsonl(path: Path, field: str, bad: BadRecords, tolerance: float) -> It
                 bad.add(path, lineno, "invalid_utf8", why[1])
                 continue
             try:
-                obj = json.loads(line.lstrip("\ufeff") if lineno == 1 else line)
+                obj = json.loads(line.lstrip("\ufeff") if lineno == 1 and first else line)
             except json.JSONDecodeError as e:
                 if not raw.endswith(b"\n"):
                     bad.add(path, lineno, "truncated_line", f"not valid JSON: {e.msg} (column {e.colno}); the file ends inside this record (a truncated copy?)")
@@ -238,7 +240,7 @@ def _read_jsonl(path: Path, field: str, bad: BadRecords, tolerance: float) -> It
                 bad.add(path, lineno, *why)
                 continue
             yield text
-    if not seen and not lines.truncated:
+    if not seen and not lines.truncated and first and (part is None or part.blank_after()):
         bad.add(path, 0, "empty_file", "the file is empty (no JSON lines)")
 
 
@@ -258,7 +260,8 @@ class _Lines:
             self.bad.add(self.path, lineno + 1, "truncated_file", f"{e} (a copy cut short?); the lines before it are read")
 
 
-def _read_parquet(path: Path, field: str, bad: BadRecords, tolerance: float) -> Iterator[str]:
+def _read_parquet(path: Path, field: str, bad: BadRecords, tolerance: float, groups=None) -> Iterator[str]:
+    """``groups``: only row groups [first, end), rows numbered as in the file."""
     import pyarrow as pa
 
     if path.stat().st_size == 0:
@@ -273,9 +276,10 @@ def _read_parquet(path: Path, field: str, bad: BadRecords, tolerance: float) -> 
     if pf.metadata.num_rows == 0:
         bad.add(path, 0, "empty_file", "the file has no rows")
         return
-    row = 0
+    groups = range(*groups) if groups else range(pf.metadata.num_row_groups)
+    row = sum(pf.metadata.row_group(g).num_rows for g in range(groups.start))
     try:
-        batches = pf.iter_batches(columns=[field], batch_size=1024)
+        batches = pf.iter_batches(columns=[field], batch_size=1024, row_groups=list(groups))
         for batch in batches:
             col = batch.column(0)
             if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
@@ -321,6 +325,19 @@ def read_source(
         if src.max_docs is not None and i >= src.max_docs:
             break
         yield doc
+
+
+def read_part(src: SourceConfig, fmt: str, f, key: str, tolerance: float, start: int, end: int):
+    """(bad, texts, part) for part [start, end) of file ``f`` (file_parts.parts): a JSONL byte range
+    (``part`` then counts its lines) or Parquet row groups (``part`` None)."""
+    from pretrain.data.file_parts import JsonlPart
+
+    if fmt == "jsonl":
+        part = JsonlPart(f, start, end)
+        bad = BadRecords(src, key, part=part)
+        return bad, _read_jsonl(f, src.text_field, bad, tolerance, part=part), part
+    bad = BadRecords(src, key)
+    return bad, _read_parquet(f, src.text_field, bad, tolerance, groups=(start, end)), None
 
 
 def read_files(src: SourceConfig, fmt: str, files: List[Path], bad: BadRecords, tolerance: float) -> Iterator[str]:

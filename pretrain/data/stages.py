@@ -90,8 +90,11 @@ def _nonempty(stage: str, stats: Dict[str, dict]) -> None:
 
 def _file_runs(run, index: int, src) -> List[List[int]]:
     """A source's files cut into runs of about a chunk's bytes, as [index, first, end] units for the
-    clean-files tasks; none (one task reads and cleans the source) for one run, for built-in corpora
-    and datasets folders, and under max_docs (it stops the read at a document, not a file)."""
+    clean-files tasks, a file larger than that into parts, as [index, file, file + 1, start, end]
+    units (file_parts.parts: byte ranges of plain JSONL, row groups of Parquet); none (one task reads
+    and cleans the source) for one run, for built-in corpora and datasets folders, and under
+    max_docs (it stops the read at a document, not a file)."""
+    from pretrain.data.file_parts import parts
     from pretrain.data.sources import file_size, source_files
 
     fmt, files = source_files(src, run.cfg.root, f"data.sources[{index}]")
@@ -100,6 +103,13 @@ def _file_runs(run, index: int, src) -> List[List[int]]:
     sizes = [file_size(f) for f in files]
     target, runs, first, acc = run.task_bytes(sum(sizes)), [], 0, 0
     for k, size in enumerate(sizes):
+        cut = parts(files[k], fmt, size, target)
+        if cut:
+            if first < k:
+                runs.append([index, first, k])
+            runs += [[index, k, k + 1, a, b] for a, b in cut]
+            first, acc = k + 1, 0
+            continue
         acc += size
         if acc >= target or k == len(sizes) - 1:
             runs.append([index, first, k + 1])
@@ -122,7 +132,8 @@ def clean(run, keys) -> Parts:
                 ranks = [r for r, u in enumerate(units) if u[0] == i]
                 if ranks:
                     pre[s.name] = {"dir": str((pre_dir / s.name).relative_to(run.root)), "ranks": ranks,
-                                   "results": [{k: pre_results[r][k] for k in ("records", "bytes", "why", "bad")} for r in ranks]}
+                                   "results": [{k: pre_results[r].get(k) for k in ("records", "bytes", "why", "bad", "lines")}
+                                               | {"file": units[r][1]} for r in ranks]}
             pre_wall = time.time() - pre_wall
         desc = "read + clean: repeated spans" if len(pre) == len(todo) else "read + clean"
         partial, results = run_tasks(run, "clean", job, [i for i, _ in todo], _context(run, pre=pre), desc, None)

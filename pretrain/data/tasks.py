@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Sequence, Tuple
 
+from pretrain.data.file_parts import even_ranges, lines_in_range
+
 Doc = Tuple[str, str]
 RESULTS = "_results"
 PART = "part-{:05d}.jsonl"
@@ -43,22 +45,13 @@ def chunks_of(root: Path, parts: Dict[str, List[Path]], target_bytes: int) -> Li
     out = []
     for source, files in parts.items():
         for f in files:
-            size = f.stat().st_size
-            n = max(1, -(-size // max(target_bytes, 1)))
-            bounds = [size * i // n for i in range(n + 1)]
-            out += [Chunk(source, str(f.relative_to(root)), a, b) for a, b in zip(bounds, bounds[1:])]
+            out += [Chunk(source, str(f.relative_to(root)), a, b) for a, b in even_ranges(f.stat().st_size, target_bytes)]
     return out
 
 
 def read_chunk(root: Path, chunk: Chunk) -> Iterator[Doc]:
     with open(root / chunk.path, "rb") as f:
-        if chunk.start > 0:  # skip the line that started before this range (or the newline ending it)
-            f.seek(chunk.start - 1)
-            f.readline()
-        while f.tell() < chunk.end:
-            line = f.readline()
-            if not line:
-                break
+        for line in lines_in_range(f, chunk.start, chunk.end):
             d = json.loads(line)
             yield d["id"], d["text"]
 

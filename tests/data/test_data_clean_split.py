@@ -74,8 +74,23 @@ def _corpus(root: Path) -> list:
     docs = _docs(240, 3)
     for k in range(3):
         pq.write_table(pa.table({"text": docs[k * 80 : (k + 1) * 80]}), tables / f"t{k}.parquet")
+    # One large JSONL file (read in byte-range parts): a BOM, blank lines, and bad records in
+    # several parts; one large Parquet file of 30-row groups (read a few groups at a time).
+    dump = root / "dump"
+    dump.mkdir()
+    lines = [json.dumps({"text": t}) for t in _docs(600, 4)]
+    for at, bad in ((590, "[1, 2]"), (444, "{broken"), (301, json.dumps({"text": ""})), (160, "{also broken"), (3, "")):
+        lines[at:at] = [bad]
+    lines[0] = "\ufeff" + lines[0]
+    (dump / "all.jsonl").write_text("\n".join(lines), encoding="utf-8")  # no newline after the last
+    sheet = root / "sheet"
+    sheet.mkdir()
+    rows = _docs(330, 5)
+    rows[200] = None
+    pq.write_table(pa.table({"text": rows}), sheet / "all.parquet", row_group_size=30)
     return [{"name": "web", "path": str(web), "on_bad_record": "drop"}, {"name": "books", "path": str(books)},
-            {"name": "tables", "path": str(tables)}]
+            {"name": "tables", "path": str(tables)}, {"name": "dump", "path": str(dump), "on_bad_record": "drop"},
+            {"name": "sheet", "path": str(sheet), "on_bad_record": "drop"}]
 
 
 def _cfg(cache: Path, sources: list, **source_extra) -> dict:
@@ -128,7 +143,7 @@ def test_split_read_and_clean_equals_one_task_per_source(runs):
     assert len(list((job / "completions").iterdir())) >= 7  # every source was cut into runs of files
     assert not (root / "whole" / "_logs" / "clean-files").exists()
     got, want = _clean_outputs(root / "split"), _clean_outputs(root / "whole")
-    assert set(got) == {"web", "books", "tables"}
+    assert set(got) == {"web", "books", "tables", "dump", "sheet"}
     for name in got:
         assert got[name][0] == want[name][0], name  # the documents, their ids and order
         assert got[name][1] == want[name][1], name  # the counts, reasons and bad records
@@ -141,12 +156,44 @@ def test_split_read_and_clean_equals_one_task_per_source(runs):
     assert web["reasons"]["few_sentences"] > 10 and web["reasons"]["too_short"] > 10 and web["reasons"]["lines_dropped"] > 100
     assert web["bad_records"] == 2 and web["bad_record_kinds"] == {"empty_text": 1, "invalid_json": 1}
     assert got["books"][1]["reasons"]["lines_repeated_span"] > 200 and got["tables"][1]["reasons"]["lines_repeated_span"] > 100
+    # The large files' bad records, placed by file line (and row) across their parts.
+    dump, sheet = got["dump"][1], got["sheet"][1]
+    assert dump["bad_record_kinds"] == {"empty_text": 1, "invalid_json": 2, "not_an_object": 1}, dump
+    assert [e.split("all.jsonl ")[1] for e in dump["bad_record_examples"]] == [
+        "line 162: invalid_json", "line 304: empty_text", "line 448: invalid_json", "line 595: not_an_object"]
+    assert sheet["bad_record_examples"] == [f"{root / 'sheet' / 'all.parquet'} row 201: null_text"]
+    assert dump["reasons"]["lines_repeated_span"] > 200 and sheet["reasons"]["lines_repeated_span"] > 100
     assert not list((root / "split" / "clean-files").glob("*")), "the runs' intermediate files are removed"
     # The spilled records went to disk (and their folders went after): split and one-task paths.
     spilled, held = _span_runs(root / "split"), _span_runs(root / "whole")
     assert spilled["web"] > 5 and spilled["books"] > 5 and held["tables"] > 5, (spilled, held)
     assert spilled["tables"] == held["web"] == held["books"] == 0, (spilled, held)
     assert not [p for p in root.rglob(".spans.tmp-*")]
+
+
+def test_large_files_are_read_in_parts(runs):
+    """The plan: the JSONL file cut into byte ranges, the Parquet file into row-group ranges."""
+    from types import SimpleNamespace
+
+    from pretrain.data.config import SourceConfig
+    from pretrain.data.stages import _file_runs
+
+    root, _, _ = runs
+    run = SimpleNamespace(cfg=SimpleNamespace(root=None), task_bytes=lambda total: 100_000)
+    dump = _file_runs(run, 3, SourceConfig(name="dump", path=str(root / "dump")))
+    size = (root / "dump" / "all.jsonl").stat().st_size
+    assert len(dump) >= 4 and [u[:3] for u in dump] == [[3, 0, 1]] * len(dump)
+    assert dump[0][3] == 0 and dump[-1][4] == size and all(a[4] == b[3] for a, b in zip(dump, dump[1:]))
+    sheet = _file_runs(run, 4, SourceConfig(name="sheet", path=str(root / "sheet")))
+    assert len(sheet) >= 2 and sheet[0][3] == 0 and sheet[-1][4] == 11
+    assert all(a[4] == b[3] for a, b in zip(sheet, sheet[1:]))
+
+
+def test_a_bad_record_in_a_later_part_is_named_by_its_file_line(runs, tmp_path):
+    root, _, _ = runs
+    sources = [{"name": "dump", "path": str(root / "dump")}]  # on_bad_record: error
+    with pytest.raises(DataConfigError, match=r"data\.sources\[0\] \(source 'dump'\): .*all\.jsonl line 162: not valid JSON"):
+        prepare_data(_cfg(tmp_path / "cache", sources), console=QUIET)
 
 
 def test_a_bad_record_in_a_later_run_is_named_as_before(runs, tmp_path):

@@ -138,14 +138,19 @@ def test_a_live_job_is_seen_beside_one_slurm_has_forgotten(slurm, monkeypatch):
         subprocess.run(["scancel", live], env=slurm, check=False)
 
 
-def test_sources_over_http_give_identical_outputs(local, corpus, tmp_path):
-    """The same files read through fsspec (an HTTP server on loopback), in the worker processes."""
-    with http_server(corpus[0]) as url:
+@pytest.mark.parametrize("ranges", [False, True], ids=["whole-files", "byte-ranges"])
+def test_sources_over_http_give_identical_outputs(local, corpus, tmp_path, ranges):
+    """The same files read through fsspec (an HTTP server on loopback), in the worker processes.
+    A server that serves byte ranges lets read + clean cut each file into parts, as the local run
+    does (two per 250 kB file); one that does not has each file read whole (the one-file source in one task)."""
+    with http_server(corpus[0], ranges=ranges) as url:
         shard_dir = _prepare(_config(corpus, tmp_path, "local", base=url))
     got, want = _outputs(shard_dir), dict(local)
     keys = [json.loads(m).pop("tokenizer_key") for m in (got.pop("manifest"), want.pop("manifest"))]
     assert keys[0] != keys[1]  # the cache knows the inputs by URL: a key of its own
     assert got == want
+    (job,) = (tmp_path / "_logs" / "clean-files").iterdir()
+    assert len(list((job / "completions").iterdir())) == (6 if ranges else 2)  # 3 files (2 in web, 1 in more)
 
 
 @pytest.fixture(scope="module")
