@@ -175,10 +175,11 @@ def verified_pairs_in_passes(block: Block, n: int, skip, per_pass: int, rows_of,
     return np.concatenate(out) if out else np.zeros((0, 2), np.int64)
 
 
-def exact_mask_in_passes(block: Block, n: int, cfg: DedupConfig, per_pass: int) -> np.ndarray:
+def exact_mask_in_passes(block: Block, n: int, cfg: DedupConfig, per_pass: int, out=None) -> np.ndarray:
     """exact_mask over documents whose source keys and exact keys ``block(a, b)`` reads, a pass of
-    about ``per_pass`` documents at a time; holds a byte per document, and a pass."""
-    dup = np.zeros(n, dtype=bool)
+    about ``per_pass`` documents at a time, into ``out`` (n zeros: in memory, or a memory-mapped
+    file, tasks.array_file) or a new array; holds a pass."""
+    dup = np.zeros(n, dtype=bool) if out is None else out
     if cfg.exact:
         for idx, src, keys in _passes(block, n, None, per_pass):
             dup[idx] = exact_duplicates(keys, src)  # idx is increasing: document order is kept
@@ -203,11 +204,14 @@ def select(exact_dup: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     return fate
 
 
-def select_in_ranges(exact_dup: np.ndarray, pair_sets: Sequence[np.ndarray], per_range: int) -> np.ndarray:
+def select_in_ranges(exact_dup: np.ndarray, pair_sets: Sequence[np.ndarray], per_range: int, out=None) -> np.ndarray:
     """select() over the pairs of several sets (each sorted by its later document: the band tasks'
     files, memory-mapped), read for ``per_range`` later documents at a time: the pairs of a range
-    are held, not all of them. An earlier document's fate is final before any later one's."""
-    fate = np.where(exact_dup, EXACT, KEEP).astype(np.uint8)
+    are held, not all of them. An earlier document's fate is final before any later one's. The
+    fates go to ``out`` (uint8, as long as ``exact_dup``; e.g. memory-mapped) or a new array."""
+    fate = np.zeros(len(exact_dup), dtype=np.uint8) if out is None else out
+    for lo in range(0, len(fate), max(per_range, 1)):
+        fate[lo : lo + per_range] = np.where(exact_dup[lo : lo + per_range], EXACT, KEEP)
     for lo in range(0, len(fate), max(per_range, 1)):
         hi = lo + per_range
         parts = [np.asarray(p[np.searchsorted(p[:, 1], lo) : np.searchsorted(p[:, 1], hi)]) for p in pair_sets if len(p)]

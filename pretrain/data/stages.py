@@ -21,7 +21,7 @@ from pretrain.data.executors import run_tasks
 from pretrain.data.progress import write_stage_stats
 from pretrain.data.records import DataConfigError
 from pretrain.data.stats import print_stage_table
-from pretrain.data.tasks import chunks_of, publish, save_array
+from pretrain.data.tasks import array_file, chunks_of, publish
 
 Parts = Dict[str, List[Path]]
 
@@ -204,7 +204,8 @@ def quality(run, keys, upstream: Parts) -> Parts:
 
 def dedup(run, keys, upstream: Parts) -> Parts:
     """Signatures (a task per chunk), verified LSH pairs (a task per band), the greedy pass in
-    document order (here: it holds a byte per document), then the filter (a task per chunk)."""
+    document order (here, into a memory-mapped file of a byte per document), then the filter (a task
+    per chunk)."""
     import numpy as np
 
     from pretrain.data.dedup import ChunkArrays, bands, exact_mask_in_passes, select_in_ranges, source_keys
@@ -219,13 +220,15 @@ def dedup(run, keys, upstream: Parts) -> Parts:
     sig_dir, sigs = run_tasks(run, "dedup-sig", key, chunks, _context(run), "dedup: signatures", _size(chunks))
     skey = source_keys(order, cfg)
     counts, chunk_sources = [r["docs"] for r in sigs], [skey[c.source] for c in chunks]
-    exact = exact_mask_in_passes(ChunkArrays(sig_dir, counts, chunk_sources).key_block, sum(counts), cfg, cfg.docs_per_pass)
-    save_array(sig_dir / "exact.npy", exact)  # the band tasks skip these documents
+    with array_file(sig_dir / "exact.npy", sum(counts), bool) as exact:  # the band tasks skip these documents
+        exact_mask_in_passes(ChunkArrays(sig_dir, counts, chunk_sources).key_block, sum(counts), cfg, cfg.docs_per_pass, exact)
+    exact = np.load(sig_dir / "exact.npy", mmap_mode="r")
     ctx = _context(run, sig_dir=str(sig_dir.relative_to(run.root)), counts=counts, chunk_sources=chunk_sources,
                    num_perm=cfg.num_perm)
     pairs_dir, _ = run_tasks(run, "dedup-pairs", key, list(range(bands(cfg)[0])), ctx, "dedup: candidate pairs", None)
     pairs = [np.load(p, mmap_mode="r") for p in sorted(pairs_dir.glob("pairs-*.npy"))]
-    save_array(pairs_dir / "fate.npy", select_in_ranges(exact, pairs, cfg.docs_per_pass))
+    with array_file(pairs_dir / "fate.npy", len(exact), np.uint8) as fate:
+        select_in_ranges(exact, pairs, cfg.docs_per_pass, fate)
     offsets = np.r_[0, np.cumsum(ctx["counts"])][:-1].tolist()
     ctx = ctx | {"fate": str((pairs_dir / "fate.npy").relative_to(run.root)), "offsets": offsets}
     partial, results = run_tasks(run, "dedup", key, chunks, ctx, "dedup", _size(chunks))

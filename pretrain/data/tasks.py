@@ -14,6 +14,7 @@ holds the lines that *start* inside its range, so chunks cover each file exactly
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -84,6 +85,28 @@ def save_array(path: Path, arr) -> None:
     tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}.npy")
     np.save(tmp, arr)
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def array_file(path: Path, n: int, dtype):
+    """``n`` zeros of ``dtype`` as a memory-mapped .npy file to fill, published at ``path`` (by
+    rename) when the block ends without an error."""
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}.npy")
+    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n,)) if n else np.zeros(0, dtype)
+    try:
+        yield arr
+        if n:
+            arr.flush()
+        else:
+            np.save(tmp, arr)
+        del arr
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def read_parts(paths: Sequence[Path]) -> Iterator[Doc]:

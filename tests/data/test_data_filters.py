@@ -10,6 +10,7 @@ from pretrain.data.decontam import decontaminate, decontaminate_document, ngrams
 from pretrain.data.dedup import (EXACT, KEEP, NEAR, ChunkArrays, band_pairs, bands, by_later, deduplicate, exact_mask_in_passes, fates,
                                  jaccard, select, select_in_ranges, signatures, verified_pairs_in_passes)
 from pretrain.data.quality import filter_docs, fit_model, load_model, pareto_keep, quality_filter, save_model, uniforms
+from pretrain.data.tasks import array_file
 
 from data_synth import WORDS, make_doc
 
@@ -190,6 +191,14 @@ def test_dedup_in_passes_over_chunk_files_equals_in_memory(tmp_path):
             sorted_pairs = [by_later(p) for p in pairs]
             for per_range in (1000, 5, 1):  # the greedy pass a range of later documents at a time
                 assert (select_in_ranges(exact, sorted_pairs, per_range) == want).all(), (across, per_pass, per_range)
+            # As the stage runs it: the mask and the fates in memory-mapped files.
+            with array_file(tmp_path / "exact.npy", arrays.n, bool) as out:
+                exact_mask_in_passes(arrays.key_block, arrays.n, cfg, per_pass, out)
+            mapped = np.load(tmp_path / "exact.npy", mmap_mode="r")
+            assert (mapped == exact).all() and mapped.any()
+            with array_file(tmp_path / "fate.npy", arrays.n, np.uint8) as out:
+                select_in_ranges(mapped, sorted_pairs, 5, out)
+            assert (np.load(tmp_path / "fate.npy") == want).all(), (across, per_pass)
         removed[across] = ((want == EXACT).sum(), (want == NEAR).sum())
     assert removed[True][0] >= 10 and removed[True][1] >= 4, removed
     assert sum(removed[False]) < sum(removed[True]), removed  # the source keys kept sources apart
