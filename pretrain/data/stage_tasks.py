@@ -272,15 +272,3 @@ def shards_task(ctx: dict, unit: Chunk, folder: Path, rank: int) -> dict:
     out.close()
     return {"source": unit.source, "docs": docs.n, "bytes": docs.nbytes, "tokens": ntok,
             "progress": {"docs": docs.n, "tokens": ntok}}
-
-
-def merge_parts(folder: Path, source: str, ranks: List[int], token_size: int) -> None:
-    """Concatenate the partial IndexedDatasets of ``ranks`` (in order) into ``folder/<source>``."""
-    import numpy as np
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    dtype = np.uint16 if token_size == 2 else np.int32
-    builder = IndexedDatasetBuilder(str(folder / f"{source}.bin"), dtype=dtype)
-    for r in ranks:
-        builder.add_index(str(folder / "_parts" / f"{r:05d}"))
-    builder.finalize(str(folder / f"{source}.idx"))

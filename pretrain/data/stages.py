@@ -278,11 +278,9 @@ def tokenizer(run, keys, upstream: Parts) -> Path:
 
 
 def shards(run, keys, upstream: Parts, tokenizer_file: Path) -> Path:
-    import gc
-
     import numpy as np
 
-    from pretrain.data.stage_tasks import merge_parts
+    from pretrain.data.shard_merge import merge_parts
 
     path = cache.stage_dir(run.root, "shards", keys["shards"])
     tm = cache.read_manifest(tokenizer_file.parent)
@@ -297,15 +295,11 @@ def shards(run, keys, upstream: Parts, tokenizer_file: Path) -> Path:
     token_size = 2 if tm["vocab_size"] <= np.iinfo(np.uint16).max + 1 else 4
     importer.join()
     sources = {}
-    gc.freeze()  # add_index runs gc.collect() per part: skip the objects that exist already
-    try:
-        for n in upstream:
-            ranks = [r for r, c in enumerate(chunks) if c.source == n]
-            merge_parts(partial, n, ranks, token_size)
-            sources[n] = {"docs": sum(results[r]["docs"] for r in ranks), "tokens": sum(results[r]["tokens"] for r in ranks),
-                          "docs_in": sum(results[r]["docs"] for r in ranks), "bytes_in": sum(results[r]["bytes"] for r in ranks)}
-    finally:
-        gc.unfreeze()
+    for n in upstream:
+        ranks = [r for r, c in enumerate(chunks) if c.source == n]
+        merge_parts(partial, n, ranks, token_size)
+        sources[n] = {"docs": sum(results[r]["docs"] for r in ranks), "tokens": sum(results[r]["tokens"] for r in ranks),
+                      "docs_in": sum(results[r]["docs"] for r in ranks), "bytes_in": sum(results[r]["bytes"] for r in ranks)}
     shutil.rmtree(partial / "_parts")
     ntok, dt = sum(s["tokens"] for s in sources.values()), time.time() - t0
     write_stage_stats(partial, "shards", {n: {"docs_in": s["docs_in"], "bytes_in": s["bytes_in"], "tokens": s["tokens"]}
