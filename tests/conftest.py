@@ -9,6 +9,16 @@ TCPStore. The environment is restored after each test, and harness.child_env() d
 import os
 
 import pytest
+import torch
+
+# Triton binds every @triton.jit function to the interpreter or the compiler when it is defined, and
+# triton.language's own functions are defined when triton is first imported, which megatron-core and
+# DeepSpeed do while the test modules are collected. The kernel tests run the kernels interpreted on
+# CPU, so the mode is chosen here, before any test module is imported (pretrain_kernels names the
+# error otherwise: kernels/_compat.check_binding). The default backend "auto" still runs the PyTorch
+# reference for CPU tensors, so no other test runs a Triton kernel. A CUDA machine keeps its setting.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from data_synth import make_doc, write_jsonl  # noqa: E402
+from data_synth import make_doc, synth_cfg, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -20,24 +20,6 @@ def synth_dir(tmp_path_factory):
         write_jsonl(d / f"{name}.jsonl", [make_doc(start + i, rng) for i in range(n)])
         start += n
     return d
-
-
-def synth_cfg(synth_dir, cache_dir, **over):
-    cfg = {
-        "name": "synth",
-        "cache_dir": str(cache_dir),
-        "sources": [
-            {"name": "a", "path": str(synth_dir / "a.jsonl"), "weight": 0.5, "curated": True},
-            {"name": "b", "path": str(synth_dir / "b.jsonl"), "weight": 0.3, "curated": True},
-            {"name": "c", "path": str(synth_dir / "c.jsonl"), "weight": 0.2, "curated": True},
-        ],
-        "tokenizer": {"kind": "bpe", "vocab_size": 512},
-        "split": "80,10,10",
-        "num_workers": 2,
-        "progress": False,
-    }
-    cfg.update(over)
-    return cfg
 
 
 @pytest.fixture(scope="session")

@@ -25,3 +25,22 @@ def write_jsonl(path, texts, field="text"):
         for t in texts:
             f.write(json.dumps({field: t}) + "\n")
     return path
+
+
+def synth_cfg(synth_dir, cache_dir, **over):
+    """A data config over the three sources of the synth_dir fixture; `over` replaces top-level keys."""
+    cfg = {
+        "name": "synth",
+        "cache_dir": str(cache_dir),
+        "sources": [
+            {"name": "a", "path": str(synth_dir / "a.jsonl"), "weight": 0.5, "curated": True},
+            {"name": "b", "path": str(synth_dir / "b.jsonl"), "weight": 0.3, "curated": True},
+            {"name": "c", "path": str(synth_dir / "c.jsonl"), "weight": 0.2, "curated": True},
+        ],
+        "tokenizer": {"kind": "bpe", "vocab_size": 512},
+        "split": "80,10,10",
+        "num_workers": 2,
+        "progress": False,
+    }
+    cfg.update(over)
+    return cfg

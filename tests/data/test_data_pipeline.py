@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from conftest import synth_cfg
+from data_synth import synth_cfg
 from data_synth import make_doc, write_jsonl
 from pretrain.data import DataConfigError, prepare_data
 from pretrain.data.cache import is_done

@@ -3,7 +3,7 @@
 import io
 import re
 
-from conftest import synth_cfg
+from data_synth import synth_cfg
 
 from pretrain.data import cache
 from pretrain.data.progress import StageProgress, read_stage_stats

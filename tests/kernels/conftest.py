@@ -1,7 +1,8 @@
 """Kernel tests run the Triton kernels in the CPU interpreter.
 
-TRITON_INTERPRET must be set before the first kernel module is imported (pretrain_kernels imports its
-Triton modules lazily, on the first Triton call), so it is set here, at collection time.
+TRITON_INTERPRET must be set before triton is first imported (kernels/_compat.check_binding), which
+megatron-core and DeepSpeed do while other test modules are collected: tests/conftest.py sets it on a
+machine without CUDA. Set here too for a run of this folder alone on a CUDA machine.
 """
 
 import os

@@ -1,5 +1,9 @@
 """kernels/_compat.py: the Triton-version differences (issue 18; .ci/triton_versions.sh runs Triton 3.6)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import triton
@@ -37,3 +41,23 @@ def test_runtime_range_and_fp64_dot_accumulator():
     _runtime_range_sum[(1,)](x, out, block, 3 * block, BLOCK=block, ACC=tl.float64)
     expect = sum(c @ c for c in x[block:].split(block))
     torch.testing.assert_close(out, expect)
+
+
+@pytest.mark.parametrize("first,then", [("0", "1"), ("1", "0")])
+def test_interpret_mode_changed_after_triton_was_imported_is_named(first, then):
+    # triton.language binds its functions at import; a kernel module imported in the other mode names it.
+    code = (
+        "import os, triton.language\n"
+        f"os.environ['TRITON_INTERPRET'] = {then!r}\n"
+        "from pretrain_kernels import triton_norm\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": first}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "when triton was first imported" in run.stderr and "set TRITON_INTERPRET before" in run.stderr
+
+
+def test_the_test_session_imported_triton_in_interpreter_mode():
+    # tests/conftest.py chose the mode before megatron-core or DeepSpeed could import triton.
+    _compat.check_binding()
+    assert not isinstance(tl.standard.max, triton.runtime.jit.JITFunction)
