@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from data_synth import synth_cfg
-from data_synth import make_doc, write_jsonl
+from data_synth import make_doc, synth_cfg, write_jsonl
 from pretrain.data import DataConfigError, prepare_data
 from pretrain.data.cache import is_done
 from pretrain.data.tasks import plan_text, prepare_partial, publish, read_parts, write_part
